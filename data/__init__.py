@@ -1,0 +1,28 @@
+"""Data layer: shard writer, exactly resumable training stream, evaluation loader, built-in demo data.
+
+Read first: ``data/stream.py`` (the training stream and its state), ``data/cursor.py`` (which sample goes
+where), ``data/shards.py`` (the writer behind ``launch/prepare_data.py``). Names are imported lazily so
+that the shard writer starts without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DataConfig": "data.config",
+    "TrainStream": "data.stream", "EvalLoader": "data.stream",
+    "build_train_stream": "data.stream", "build_eval_loader": "data.stream",
+    "ensure_demo_shards": "data.builtin",
+    "ShardError": "data.urls", "ShardList": "data.urls", "resolve_shards": "data.urls", "index_checksum": "data.urls",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'data' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+__all__ = sorted(_EXPORTS)

@@ -1,0 +1,249 @@
+"""Training stream (exactly resumable) and evaluation loader over webdataset shards.
+
+    stream = build_train_stream(cfg.data, batch_size=32, rank=rank, world_size=world, seed=seed,
+                                state=client_state.get("data"))
+    for batch in stream:          # endless; batch["image"] (B, 3, H, W) float, batch["label"] (B,) long
+        ...
+        client_state["data"] = stream.state_dict()   # saved with the checkpoint
+
+Sample order, sharding over ranks and workers, shuffling and augmentation are defined by
+``data/cursor.py`` as a function of the seed and of one number: the batches this rank has consumed.
+DataLoader worker ``w`` produces the rank's global batches ``c = start + w, start + w + W, ...``
+(batch ``c`` is batch ``c // W`` of stream ``c % W``), exactly the order in which the DataLoader hands them
+out round-robin. Every batch carries its index and its count of skipped samples; the wrapper here
+advances the state only when the consumer receives a batch, so batches prefetched by workers but never
+consumed are produced again after a restore, and ``stream.skipped`` counts what the workers met.
+Every rank consumes the same number of batches, so the state of any rank restores every rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from functools import partial
+from itertools import islice
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data.config import DataConfig
+from data.cursor import Cursor, range_pieces, read_raw
+from data.transforms import image_bytes, label_of, load_crop, random_resized_box, square_box, to_float
+from data.urls import ShardError, ShardList, resolve_shards
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Decode:
+    """Raw sample -> (uint8 (3, size, size), label, key). ``train=False``: centered square, no flip."""
+    size: int
+    train: bool = True
+    transform: str = "resize_crop"
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    flip: bool = True
+
+    def __call__(self, sample: Optional[dict], rng: Optional[np.random.Generator]) -> tuple[torch.Tensor, int, str]:
+        if sample is None:
+            raise ValueError("sample missing from a truncated or unreadable shard")
+        data, label, key = image_bytes(sample), label_of(sample), sample["__key__"]
+        if not self.train or rng is None:
+            return load_crop(data, self.size, partial(square_box, rng=None)), label, key
+        flip = self.flip and bool(rng.random() < 0.5)  # drawn first: the box draws follow
+        if self.transform == "resize_crop":
+            box = partial(square_box, rng=rng)
+        else:
+            box = partial(random_resized_box, rng=rng, scale=self.crop_scale)
+        return load_crop(data, self.size, box, flip), label, key
+
+
+def _collate(chunk: list, extra: dict[str, Any]) -> dict[str, Any]:
+    images, labels, keys = zip(*chunk)
+    return {"image": torch.stack(images), "label": torch.tensor(labels, dtype=torch.long),  # (B, 3, S, S) uint8
+            "key": list(keys), **extra}
+
+
+class _TrainData(IterableDataset):
+    def __init__(self, cursor: Cursor, decode: Decode, start: int):
+        self.cursor, self.decode, self.start = cursor, decode, start
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        W, B = self.cursor.streams, self.cursor.batch_size
+        c = self.start + (info.id if info else 0)  # this worker's first global batch index
+        samples = self.cursor.samples(c % W, c // W, self.decode)
+        while True:
+            chunk = list(islice(samples, B))
+            yield _collate([d for d, _ in chunk], {"index": c, "skipped": sum(b for _, b in chunk)})
+            c += W
+
+
+class TrainStream:
+    """Endless iterable of training batches {"image": float (B,3,H,W), "label": long (B,), "key": list[str]}."""
+
+    def __init__(self, cursor: Cursor, decode: Decode, num_workers: int, pixel_range: str, num_classes: int):
+        self.cursor, self.decode, self.num_workers, self.pixel_range = cursor, decode, num_workers, pixel_range
+        self.num_classes = num_classes
+        self.batches = 0  # consumed by the caller, since the start of training
+        self.skipped = 0  # bad samples met in the consumed batches (workers included)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches per epoch on every rank (nominal in resampled mode)."""
+        return self.cursor.batches_per_stream * self.cursor.streams
+
+    @property
+    def dropped_per_epoch(self) -> int:
+        """Samples of each epoch left out so that every rank and worker gets whole, equal batches."""
+        c = self.cursor
+        return c.total - self.batches_per_epoch * c.batch_size * c.world_size
+
+    @property
+    def epoch(self) -> int:
+        return self.batches // self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        data = _TrainData(self.cursor, self.decode, self.batches)
+        it = iter(DataLoader(data, batch_size=None, num_workers=self.num_workers)) if self.num_workers else iter(data)
+        for raw in it:
+            if raw["index"] != self.batches:  # the round-robin order this design relies on was broken
+                raise RuntimeError(f"data loader delivered batch {raw['index']}, expected {self.batches}")
+            self.batches += 1
+            self.skipped += raw["skipped"]
+            yield {"image": to_float(raw["image"], self.pixel_range), "label": raw["label"], "key": raw["key"]}
+
+    def _fingerprint(self) -> dict[str, Any]:
+        c = self.cursor
+        return {"mode": c.mode, "seed": c.seed, "world_size": c.world_size, "streams": c.streams,
+                "batch_size": c.batch_size, "shuffle_buffer": c.shuffle_buffer, "num_samples": c.total,
+                "num_shards": len(c.urls)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Small, JSON-able: restoring it gives exactly the batches an uninterrupted stream yields next."""
+        W = self.cursor.streams
+        per_stream = [self.batches // W + (1 if s < self.batches % W else 0) for s in range(W)]
+        return {"version": STATE_VERSION, "batches": self.batches, "epoch": self.epoch,
+                "batch_in_epoch": self.batches % self.batches_per_epoch,
+                "samples_consumed": self.batches * self.cursor.batch_size, "skipped": self.skipped,
+                "rank": self.cursor.rank, "config": self._fingerprint(),
+                "workers": [self.cursor.where(s, n) for s, n in enumerate(per_stream)]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "version" not in state and "restart_epoch_after_step" in state:
+            # A caller without a data state (e.g. after a world-size change) asks for a fresh epoch: take the
+            # first epoch boundary at or after `step` batches (a lower bound on the batches consumed).
+            self.batches = -(-int(state["restart_epoch_after_step"]) // self.batches_per_epoch) * self.batches_per_epoch
+            return
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data state version {state.get('version')} is not {STATE_VERSION}")
+        old, new = state["config"], self._fingerprint()
+        self.skipped = state["skipped"] if state.get("rank") == self.cursor.rank else 0  # per-rank count
+        if old == new:
+            self.batches = state["batches"]
+            return
+        # Another world size / batch / worker count / dataset: the order cannot continue exactly. Keep the
+        # epoch and the fraction of it that all ranks together had consumed.
+        changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+        seen = state["batch_in_epoch"] * old["batch_size"] * old["world_size"]
+        inside = min(self.batches_per_epoch - 1, round(seen / (new["batch_size"] * new["world_size"])))
+        self.batches = state["epoch"] * self.batches_per_epoch + inside
+        log.warning("data state from a different setup %s: resuming at epoch %d batch %d (approximate: some "
+                    "samples of this epoch may repeat or be missed)", changed, state["epoch"], inside)
+
+
+def build_train_stream(cfg: DataConfig, *, batch_size: int, rank: int, world_size: int, seed: int,
+                       state: Optional[dict] = None, epoch: int = 0) -> TrainStream:
+    """The training stream of ``rank`` of ``world_size``; refuses unusable shard lists before training."""
+    if not 0 <= rank < world_size or batch_size < 1:
+        raise ValueError(f"need 0 <= rank < world_size and batch_size >= 1 (got {rank}, {world_size}, {batch_size})")
+    spec = cfg.train_shards
+    if cfg.source == "demo":
+        from data.builtin import ensure_demo_shards
+        spec = str(ensure_demo_shards(cfg.demo_root, cfg.image_size))
+    shards = resolve_shards(spec, cfg.index, what="data.train_shards")
+    slots = world_size * cfg.streams
+    if shards.total == 0:
+        raise ShardError(f"data.train_shards={spec!r} holds no samples")
+    if cfg.mode == "epoch" and len(shards.urls) < slots:
+        raise ShardError(
+            f"data.train_shards has {len(shards.urls)} shards but epoch mode needs at least world_size x "
+            f"num_workers = {world_size} x {cfg.streams} = {slots}: write more, smaller shards "
+            "(launch/prepare_data.py --shard-size), lower data.num_workers, or set data.mode=resampled")
+    if shards.total < slots * batch_size:
+        raise ShardError(f"{shards.total} samples cannot give one batch of {batch_size} to each of {slots} "
+                         "streams (world_size x num_workers): lower the batch size or data.num_workers")
+    cursor = Cursor(shards.urls, shards.counts, cfg.mode, rank, world_size, cfg.streams, batch_size, seed,
+                    cfg.shuffle_buffer)
+    decode = Decode(cfg.image_size, True, cfg.transform, tuple(cfg.crop_scale), cfg.flip)
+    stream = TrainStream(cursor, decode, cfg.num_workers, cfg.pixel_range, shards.num_classes)
+    if state is not None:
+        stream.load_state_dict(state)
+    else:
+        stream.batches = epoch * stream.batches_per_epoch
+    return stream
+
+
+class _EvalData(IterableDataset):
+    def __init__(self, shards: ShardList, ranges: list[tuple[int, int]], decode: Decode, batch_size: int):
+        self.shards, self.ranges, self.decode, self.batch_size = shards, ranges, decode, batch_size
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        a, b = self.ranges[info.id if info else 0]
+        order = range(len(self.shards.urls))  # evaluation reads in index order, no shuffle
+        chunk, bad = [], 0
+        for sample in read_raw(range_pieces(self.shards.urls, self.shards.counts, order, a, b)):
+            try:
+                chunk.append(self.decode(sample, None))
+            except Exception as exn:  # noqa: BLE001 - skipped and counted, never duplicated
+                bad += 1
+                log.warning("skipping bad eval sample %s: %r", (sample or {}).get("__key__"), exn)
+            if len(chunk) == self.batch_size:
+                yield _collate(chunk, {"skipped": bad})
+                chunk, bad = [], 0
+        if chunk or bad:
+            yield _collate(chunk, {"skipped": bad}) if chunk else {"image": None, "skipped": bad}
+
+
+class EvalLoader:
+    """Batches {"image", "label", "key"} of this rank's share: every sample exactly once over all ranks."""
+
+    def __init__(self, shards: ShardList, decode: Decode, batch_size: int, rank: int, world_size: int,
+                 num_workers: int, pixel_range: str):
+        total = shards.total
+        a, b = rank * total // world_size, (rank + 1) * total // world_size  # shares differ by <= 1 sample
+        self.num_samples = b - a
+        streams = max(1, min(num_workers, self.num_samples))
+        self.ranges = [(a + w * (b - a) // streams, a + (w + 1) * (b - a) // streams) for w in range(streams)]
+        self.data = _EvalData(shards, self.ranges, decode, batch_size)
+        self.num_workers, self.pixel_range, self.batch_size = (streams if num_workers else 0), pixel_range, batch_size
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return sum(math.ceil((hi - lo) / self.batch_size) for lo, hi in self.ranges)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.skipped = 0
+        it = DataLoader(self.data, batch_size=None, num_workers=self.num_workers) if self.num_workers else self.data
+        for raw in it:
+            self.skipped += raw["skipped"]
+            if raw["image"] is not None:
+                yield {"image": to_float(raw["image"], self.pixel_range), "label": raw["label"], "key": raw["key"]}
+
+
+def build_eval_loader(shards: str, *, image_size: int, batch_size: int, rank: int, world_size: int,
+                      num_workers: int = 0, pixel_range: str = "minus_one_one", index: Optional[str] = None
+                      ) -> EvalLoader:
+    """Center-cropped evaluation batches of ``rank``'s contiguous share of ``shards`` (no padding, no
+    duplicates; the last batch of each worker may be smaller, and ranks may differ by one batch)."""
+    listed = resolve_shards(shards, index, what="data.val_shards")
+    if listed.total == 0:
+        raise ShardError(f"data.val_shards={shards!r} holds no samples")
+    return EvalLoader(listed, Decode(image_size, train=False), batch_size, rank, world_size, num_workers, pixel_range)
+
+
+__all__ = ["TrainStream", "EvalLoader", "build_train_stream", "build_eval_loader", "Decode"]
