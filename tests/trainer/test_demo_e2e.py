@@ -1,0 +1,108 @@
+"""The README's main job, end to end: the demo recipe at a reduced step count, exactly as a user runs it
+(``python launch/train_stage1.py --config configs/stage1/demo.yaml``), into a real SQLite MLflow store,
+with asynchronous rFID on a local Ray worker; then ``launch/compare.py`` on that store.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+TRAIN_METRICS = ("train/total_loss", "train/rec_loss", "train/perceptual_loss", "train/quant_loss", "train/g_loss",
+                 "train/disc_loss", "train/d_weight", "train/codebook_usage", "train/perplexity", "train/lr",
+                 "train/grad_norm_g", "train/grad_norm_d", "perf/images_per_s", "perf/data_wait_frac", "perf/step_s",
+                 "data/skipped_samples")
+VAL_METRICS = ("val/l1", "val/psnr", "val/lpips", "val/codebook_usage")
+OFFLINE = ["loss.lpips_pretrained_backbone=false"]  # no LPIPS trunk download on CI machines
+
+
+def train(env: dict, recipe: str, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "launch/train_stage1.py"), "--config", str(ROOT / f"configs/stage1/{recipe}.yaml"),
+           *OFFLINE, "train.progress=false", *overrides]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    return res
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, subprocess.CompletedProcess]:
+    import os
+    tmp = tmp_path_factory.mktemp("demo")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}", OMP_NUM_THREADS="2",
+               PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0")
+    out = tmp / "run"
+    res = train(env, "demo", f"train.out_dir={out}", "train.steps=6", "train.log_every=2", "train.val_every=3",
+                "train.val_batches=2", "train.image_every=3", "train.ckpt_every=3", "loss.disc_start=1",
+                "eval.every=6", "eval.extractor=tiny", "eval.lpips=random", "eval.batch_size=64")
+    return out, env, res
+
+
+def test_demo_run_records_everything_in_mlflow(demo_run) -> None:
+    from trainer.tracking import mlflow_client
+    out, env, res = demo_run
+    assert "mlflow ui --backend-store-uri" in res.stdout and str(out) in res.stdout
+    assert (out / "reconstructions.png").is_file() and (out / "tokenizer.pt").is_file()
+
+    client = mlflow_client(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("vitvq-stage1")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["train.steps"] == "6" and params["model.encoder.width"] == "128" and params["recipe"] == "demo"
+    tags = run.data.tags
+    assert tags["recipe"] == "demo" and tags["world_size"] == "1"
+    assert len(tags["dataset_index_sha256"]) == 64 and tags["git_commit"]
+    for key in TRAIN_METRICS:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert steps == [2, 4, 6], f"{key}: logged at {steps}"
+    for key in VAL_METRICS:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [3, 6], key
+    d_loss = client.get_metric_history(run.info.run_id, "train/disc_loss")
+    assert d_loss[-1].value > 0  # the discriminator started at step 1
+    rfid = client.get_metric_history(run.info.run_id, "eval/rfid")
+    assert [m.step for m in rfid] == [6] and rfid[0].value >= 0
+    assert any("tiny" in v.lower() for k, v in tags.items() if k.startswith("eval.")), "protocol tags missing"
+
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert "images/reconstructions_step0000000.png" in images and "images/reconstructions_step0000006.png" in images
+    exported = [a.path for a in client.list_artifacts(run.info.run_id, "export")]
+    assert exported == ["export/tokenizer.pt"]
+
+    # The export is what stage 2 and evaluation load, without DeepSpeed.
+    tok = Tokenizer.load_export(out / "tokenizer.pt")
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    codes = tok.encode(x).indices
+    torch.testing.assert_close(tok.decode_codes(codes), tok.decode(tok.encode(x).quantized))
+
+    # Any checkpoint exports through the command too; the step is recorded in the file.
+    mid = out / "tok_step3.pt"
+    res = subprocess.run([sys.executable, str(ROOT / "launch/export_tokenizer.py"), "--run-dir", str(out),
+                          "--tag", "step_00000003", "--out", str(mid)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    early = torch.load(mid, weights_only=False)
+    assert early["extra"]["step"] == 3
+    final = torch.load(out / "tokenizer.pt", weights_only=False)
+    assert final["extra"]["step"] == 6
+    assert any(not torch.equal(early["state_dict"][k], final["state_dict"][k]) for k in final["state_dict"])
+
+
+def test_compare_lists_two_runs_with_their_differing_config(demo_run, tmp_path: Path) -> None:
+    out, env, _ = demo_run
+    train(env, "demo", f"train.out_dir={tmp_path / 'second'}", "train.steps=2", "train.log_every=1",
+          "train.val_every=0", "train.image_every=100", "optim_g.lr=3e-4", "train.tracking=true")
+    res = subprocess.run([sys.executable, str(ROOT / "launch/compare.py"), "--experiment", "vitvq-stage1"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = res.stdout
+    assert "optim_g.lr" in text and "0.0003" in text and "0.001" in text
+    assert "train.steps" in text and "train/total_loss" in text
+    assert "model.encoder.width" not in text  # equal in both runs: not a difference

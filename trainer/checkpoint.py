@@ -1,0 +1,141 @@
+"""Checkpoints that a crash cannot corrupt: per-engine DeepSpeed folders, per-rank state, an atomic ``latest``.
+
+Layout of ``<out_dir>/checkpoints``::
+
+    step_00001000/
+        generator/ discriminator/     DeepSpeed engine checkpoints (ZeRO shards, optimizer, scheduler, client state)
+        rank_00000.pt ...             per-rank state: RNG states (Python, NumPy, torch, CUDA) and the data-stream cursor
+        meta.json                     step, world size, MLflow run id, config hash; written last, by rank 0
+    latest                            name of the newest COMPLETE checkpoint, replaced atomically
+
+``latest`` moves only after a barrier that every rank reaches once all its files are written, so a crash
+in the middle of a save leaves the previous checkpoint as the one resumed. Older checkpoints beyond
+``keep_last`` are deleted after the pointer has moved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from trainer.engine import DistInfo, barrier, convert_to_universal, load_engine, save_engine
+
+FAULT_ENV = "VITVQ_INJECT_FAULT"
+"""Test hook: ``save@STEP`` kills the process in the middle of that save; ``step@STEP`` after that step."""
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+def maybe_fault(kind: str, step: int) -> None:
+    """Raise where a test asked for a failure (``VITVQ_INJECT_FAULT=save@4``); one-shot per marker file if set."""
+    spec = os.environ.get(FAULT_ENV, "")
+    if spec != f"{kind}@{step}":
+        return
+    marker = os.environ.get(FAULT_ENV + "_ONCE")  # a file: fire only while it does not exist yet
+    if marker:
+        if Path(marker).exists():
+            return
+        Path(marker).touch()
+    raise InjectedFault(f"injected fault {spec}")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class CheckpointManager:
+    def __init__(self, out_dir: str | Path, dist: DistInfo, keep_last: int):
+        self.root = Path(out_dir) / "checkpoints"
+        self.dist, self.keep_last = dist, keep_last
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def tag(step: int) -> str:
+        return f"step_{step:08d}"
+
+    def latest(self) -> Optional[tuple[str, dict[str, Any]]]:
+        """(tag, meta) of the newest complete checkpoint, or None for a fresh run."""
+        pointer = self.root / "latest"
+        if not pointer.is_file():
+            return None
+        tag = pointer.read_text().strip()
+        meta_file = self.root / tag / "meta.json"
+        if not meta_file.is_file():
+            raise RuntimeError(f"{pointer} names {tag}, which has no meta.json: the checkpoint folder was altered "
+                               f"by hand; point {pointer} at a complete step_* folder or delete it to start over")
+        return tag, json.loads(meta_file.read_text())
+
+    def save(self, step: int, engines: dict[str, Any], client_state: dict[str, Any], rank_state: dict[str, Any],
+             meta: dict[str, Any]) -> Path:
+        """Collective: every rank calls it with its own ``rank_state``."""
+        tag = self.tag(step)
+        folder = self.root / tag
+        if self.dist.is_main and folder.exists():  # leftovers of a crashed save of this same step
+            shutil.rmtree(folder)
+        barrier()
+        for name, engine in engines.items():
+            save_engine(engine, folder, name, client_state)
+        maybe_fault("save", step)
+        tmp = folder / f"rank_{self.dist.rank:05d}.pt.tmp"
+        torch.save({**rank_state, "rng": rng_state()}, tmp)
+        os.replace(tmp, folder / f"rank_{self.dist.rank:05d}.pt")
+        barrier()  # every rank has written everything
+        if self.dist.is_main:
+            _atomic_write_text(folder / "meta.json", json.dumps({**meta, "step": step, "tag": tag,
+                                                                 "world_size": self.dist.world_size}, indent=1))
+            _atomic_write_text(self.root / "latest", tag)
+            self._prune(keep=tag)
+        barrier()
+        return folder
+
+    def _prune(self, keep: str) -> None:
+        done = sorted(p for p in self.root.glob("step_*") if (p / "meta.json").is_file())
+        for old in done[:-self.keep_last]:
+            if old.name != keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def prepare_resume(self, tag: str, meta: dict[str, Any], engine_names: tuple[str, ...]) -> dict[str, str]:
+        """Engine tags to load; converts to universal format first when the world size changed (collective)."""
+        if meta["world_size"] == self.dist.world_size:
+            return {name: name for name in engine_names}
+        if self.dist.is_main:
+            for name in engine_names:
+                convert_to_universal(self.root / tag, name)
+        barrier()
+        return {name: f"{name}_universal" for name in engine_names}
+
+    def load(self, tag: str, engines: dict[str, Any], engine_tags: dict[str, str]) -> tuple[dict, Optional[dict]]:
+        """Load every engine; returns (client state of the first engine, this rank's state or None)."""
+        client_state: dict[str, Any] = {}
+        for name, engine in engines.items():
+            state = load_engine(engine, self.root / tag, engine_tags[name])
+            client_state = client_state or state
+        rank_file = self.root / tag / f"rank_{self.dist.rank:05d}.pt"
+        rank_state = torch.load(rank_file, weights_only=False) if rank_file.is_file() else None
+        return client_state, rank_state

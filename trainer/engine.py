@@ -1,0 +1,165 @@
+"""Everything DeepSpeed: process group, engine construction from our typed config, checkpoint conversion.
+
+This is the only module in the project that imports deepspeed. The rules it follows come from what was
+verified about DeepSpeed GAN training (../shared/REFERENCE.md, "The distributed stack"):
+- AdamW is passed as an optimizer object: an ``optimizer`` block would JIT-build ``fused_adam`` on the CPU.
+- ``gradient_clipping`` is always written (0.19.3 changed its default to 1.0).
+- bf16 keeps fp32 master weights and accumulates gradients in fp32 (``grad_accum_dtype``).
+- A ZeRO checkpoint only loads at the world size that wrote it; other sizes go through the universal format.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.checkpoint import UNIVERSAL_CHECKPOINT_INFO
+
+from trainer.config import OptimConfig, TrainConfig
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group set up by ``deepspeed``, ``torchrun``, Ray Train, or none (plain ``python``)."""
+    if "RANK" not in os.environ:  # plain `python launch/...`: a group of one, so every code path is the same
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum over data-parallel ranks; injected into the quantizer for codebook statistics."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True if ``flag`` is true on any rank, so that every rank takes the same branch around collectives."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    all_reduce_sum(t)
+    return bool(t.item() > 0)
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up from 0, then cosine decay to ``min_ratio`` (ViT-VQGAN section 3)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def deepspeed_config(optim: OptimConfig, train: TrainConfig, world_size: int, load_universal: bool = False) -> dict:
+    """The DeepSpeed JSON config, built in one place from our typed config."""
+    accum = train.accumulation(world_size)
+    bf16 = train.precision == "bf16"
+    cfg: dict[str, Any] = {
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": {"stage": train.zero_stage, "overlap_comm": False, "contiguous_gradients": True},
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
+    }
+    if bf16:
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+    return cfg
+
+
+def build_engine(module: torch.nn.Module, optim: OptimConfig, train: TrainConfig, world_size: int,
+                 load_universal: bool = False) -> Any:
+    """One DeepSpeed engine with its own AdamW and warm-up + cosine schedule."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    # Biases, norms and codebooks carry no weight decay (1-d or lookup tables would be shrunk towards zero).
+    decay = [p for p in params if p.ndim >= 2 and not getattr(p, "_no_weight_decay", False)]
+    no_decay = [p for p in params if not (p.ndim >= 2 and not getattr(p, "_no_weight_decay", False))]
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=optim.betas, eps=optim.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_cosine(s, optim.warmup_steps, train.steps, optim.min_lr_ratio))
+    engine, *_ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched,
+                                      config=deepspeed_config(optim, train, world_size, load_universal))
+    return engine
+
+
+def save_engine(engine: Any, ckpt_dir: Path, tag: str, client_state: dict) -> None:
+    """Every rank calls this; the client state also marks the checkpoint as convertible to universal."""
+    state = dict(client_state)
+    state[UNIVERSAL_CHECKPOINT_INFO] = {}
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
+
+
+def load_engine(engine: Any, ckpt_dir: Path, tag: str) -> dict:
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+    return client_state or {}
+
+
+def convert_to_universal(ckpt_dir: Path, tag: str) -> str:
+    """Convert ``ckpt_dir/tag`` (ZeRO at its old world size) to ``ckpt_dir/<tag>_universal``; returns the new tag."""
+    out_tag = f"{tag}_universal"
+    if not (ckpt_dir / out_tag).exists():
+        tmp = ckpt_dir / f"{out_tag}.tmp"
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+               str(ckpt_dir / tag), "--output_folder", str(tmp), "--num_extract_workers", "1",
+               "--num_merge_workers", "1"]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"converting {ckpt_dir / tag} to universal format failed:\n{res.stderr[-3000:]}")
+        tmp.rename(ckpt_dir / out_tag)
+    return out_tag
+
+
+def consolidated_fp32_state(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """fp32 weights of a (possibly ZeRO-partitioned) engine checkpoint, merged on the CPU without a process group."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+
+
+def grad_norm(engine: Any) -> float:
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan")

@@ -1,0 +1,162 @@
+"""Stage 1 as a task for the Trainer: the tokenizer GAN step on two DeepSpeed engines, validation, pictures.
+
+The rules below are the ones verified against a plain-PyTorch reference (../shared/REFERENCE.md):
+- every forward goes through ``engine.module``: calling the engine itself hooks its outputs, and the
+  ``autograd.grad`` of the adaptive weight and of R1 then crashes ZeRO-2's gradient reduction;
+- one ``engine.backward`` per engine per micro-step (a second one would overwrite the first under ZeRO-2);
+- the discriminator is frozen while the generator loss runs through it.
+Both losses of a micro-batch are computed before either backward so that a non-finite value can drop the
+whole micro-batch on every rank at once (no rank may skip a collective alone).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from models.discriminators import build_discriminator
+from models.losses import Stage1Loss
+from models.tokenizer import Tokenizer
+from trainer.config import OptimConfig, Stage1Config
+from trainer.engine import DistInfo, all_reduce_sum, any_rank
+
+
+def apply_activation_checkpointing(blocks: list[nn.Module]) -> None:
+    """Recompute each block in backward; wraps ``forward`` in place so state-dict keys do not change."""
+    for block in blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+class Stage1Task:
+    """Turns a batch into generator and discriminator updates; owns the frozen loss module (LPIPS)."""
+
+    name = "stage1"
+    engine_names = ("generator", "discriminator")
+
+    def __init__(self, cfg: Stage1Config, dist: DistInfo):
+        self.cfg, self.dist = cfg, dist
+        self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        self.loss = Stage1Loss(cfg.loss, cfg.model.output).to(dist.device)
+        self.engines: dict[str, Any] = {}
+
+    # -- construction -------------------------------------------------------------------------
+    def build_modules(self) -> dict[str, nn.Module]:
+        tok = Tokenizer(self.cfg.model)
+        if self.cfg.train.activation_checkpointing:
+            apply_activation_checkpointing(tok.blocks())
+        disc = build_discriminator(self.cfg.disc, self.cfg.model.image_size, self.cfg.model.in_channels)
+        return {"generator": tok, "discriminator": disc}
+
+    def optim_config(self, name: str) -> OptimConfig:
+        return self.cfg.optim_g if name == "generator" else self.cfg.optim_d
+
+    def attach(self, engines: dict[str, Any]) -> None:
+        self.engines = engines
+        self.gen.set_all_reduce(all_reduce_sum, rank=self.dist.rank, world_size=self.dist.world_size)
+        self.loss.set_all_reduce(all_reduce_sum)
+
+    @property
+    def gen(self) -> Tokenizer:
+        return self.engines["generator"].module
+
+    @property
+    def disc(self) -> nn.Module:
+        return self.engines["discriminator"].module
+
+    def _disc_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        disc = self.disc
+        return lambda img: disc(img.to(self.dtype)).float()
+
+    def state_dict(self) -> dict:
+        return {"loss": self.loss.state_dict()}  # LeCam EMAs live in the loss module
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss.load_state_dict(state["loss"])
+
+    # -- one micro-step -----------------------------------------------------------------------
+    def micro_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor] | None:
+        """Forward, both losses, then one backward + step per engine. None if the micro-batch was dropped."""
+        g_engine, d_engine = self.engines["generator"], self.engines["discriminator"]
+        x = batch["image"].to(self.dist.device, non_blocking=True)  # (B, 3, H, W) in [-1, 1], fp32
+        self.gen.set_step(step)
+        d_active = self.loss.disc_active(step)
+        disc_fn = self._disc_fn() if d_active else None
+
+        self.disc.requires_grad_(False)
+        dec_out, q = self.gen(x.to(self.dtype))
+        dec_out = dec_out.float()
+        loss_g, metrics = self.loss.generator_loss(x, dec_out, q.loss.float(), disc_fn, step,
+                                                   last_layer=self.gen.last_layer)
+        self.disc.requires_grad_(True)
+        loss_d = None
+        if d_active:
+            x_rec = self.gen.to_image(dec_out).detach()
+            loss_d, d_metrics = self.loss.discriminator_loss(x, x_rec, disc_fn, step)
+            metrics.update(d_metrics)
+
+        bad = not torch.isfinite(loss_g).item() or (loss_d is not None and not torch.isfinite(loss_d).item())
+        if any_rank(bad, self.dist.device):
+            return None
+        g_engine.backward(loss_g)
+        g_engine.step()
+        if loss_d is not None:
+            d_engine.backward(loss_d)
+            d_engine.step()
+        metrics["codebook_usage"] = q.stats["usage"].float()
+        metrics["perplexity"] = q.stats["perplexity"].float()
+        return {k: v.detach().float().reshape(()) if v.numel() == 1 else v.detach().float().mean()
+                for k, v in metrics.items()}
+
+    # -- validation and pictures --------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self, loader: Any, max_batches: int) -> dict[str, float]:
+        """L1 and PSNR on [0, 1] pixels, LPIPS, and codebook usage over the held-out set; sums all-reduced."""
+        gen = self.gen
+        was_training = gen.training
+        gen.eval()
+        # eval mode: the quantizer runs no collectives (ranks may hold different numbers of val batches)
+        k = self.cfg.model.quantizer.codebook_size
+        sums = torch.zeros(4, dtype=torch.float64, device=self.dist.device)  # n, l1, psnr, lpips
+        hist = torch.zeros(k, dtype=torch.float64, device=self.dist.device)
+        for i, batch in enumerate(loader):
+            if i >= max_batches:
+                break
+            x = batch["image"].to(self.dist.device)
+            dec_out, q = gen(x.to(self.dtype))
+            x_rec = gen.to_image(dec_out.float()).clamp(-1, 1)
+            a, b = (x + 1) / 2, (x_rec + 1) / 2
+            mse = ((a - b) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+            sums[0] += x.shape[0]
+            sums[1] += (a - b).abs().flatten(1).mean(1).sum().double()
+            sums[2] += (10 * torch.log10(1.0 / mse)).sum().double()
+            sums[3] += self.loss.lpips_distance(x, x_rec).sum().double()
+            hist += torch.bincount(q.indices.flatten() % k if q.indices.ndim == 3 else q.indices[..., 0].flatten(),
+                                   minlength=k).double()
+        all_reduce_sum(sums)
+        all_reduce_sum(hist)
+        gen.train(was_training)
+        n = max(sums[0].item(), 1.0)
+        return {"val/l1": sums[1].item() / n, "val/psnr": sums[2].item() / n, "val/lpips": sums[3].item() / n,
+                "val/codebook_usage": (hist > 0).double().mean().item(), "val/images": sums[0].item()}
+
+    @torch.no_grad()
+    def reconstruction_grid(self, x: torch.Tensor, n: int = 8) -> np.ndarray:
+        """Originals (top row) above reconstructions (bottom row), uint8 (H, W, 3)."""
+        from torchvision.utils import make_grid
+        gen = self.gen
+        was_training = gen.training
+        gen.eval()  # no collectives in eval mode: only rank 0 may be here
+        x = x[:n].to(self.dist.device)
+        x_rec = gen.to_image(gen(x.to(self.dtype))[0].float()).clamp(-1, 1)
+        gen.train(was_training)
+        grid = make_grid(torch.cat([x.float(), x_rec]).cpu(), nrow=x.shape[0], padding=2, value_range=(-1, 1),
+                         normalize=True)
+        if grid.shape[-1] < 256:  # tiny debug images: upscale so the picture is readable
+            grid = F.interpolate(grid[None], scale_factor=256 // grid.shape[-1] + 1, mode="nearest")[0]
+        return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
