@@ -16,15 +16,26 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "vitvq" / "torch_extensions"))
 
 
-@pytest.fixture
-def torchrun_env(tmp_path: Path) -> dict:
-    """Environment for launching ranks in subprocesses: repo importable, no inherited rank variables."""
+def launch_env(folder: Path, threads: int = 1) -> dict:
+    """Environment for launching ranks in subprocesses: repo importable, no inherited rank variables, an
+    MLflow store in ``folder``."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
-    env["OMP_NUM_THREADS"] = "1"
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env["OMP_NUM_THREADS"] = str(threads)
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
     return env
+
+
+@pytest.fixture
+def torchrun_env(tmp_path: Path) -> dict:
+    return launch_env(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def make_launch_env():
+    """:func:`launch_env` for module-scoped fixtures (test modules cannot import conftest in importlib mode)."""
+    return launch_env
 
 
 @pytest.fixture

@@ -83,7 +83,7 @@ class Trainer:
         e = self.cfg.eval
         if not (e.every and self.dist.is_main):
             return None
-        from trainer.eval_workers import AsyncEvaluator, Source
+        from trainer.async_eval import AsyncEvaluator, Source
         return AsyncEvaluator(Source(shards=self.shards("val"), resolution=self.cfg.data.image_size), ref=e.ref,
                               workers=e.workers, extractor=e.extractor, inception_weights=e.inception_weights,
                               batch_size=e.batch_size, lpips=e.lpips)
@@ -206,11 +206,15 @@ class Trainer:
                     "perf/step_s": step_s, "perf/data_wait_frac": wait_s / max(step_s, 1e-9),
                     "perf/images_per_s": self.cfg.train.global_batch_size / max(step_s, 1e-9),
                     "data/skipped_samples": float(self.stream.skipped), "train/nonfinite_skipped": self.nonfinite_total})
-        self.tracker.log_metrics(out, step=self.step)
-        if self.dist.is_main:  # a plain-text record beside the checkpoints, readable without MLflow
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": self.step, **out}) + "\n")
+        self.record(out)
         return out
+
+    def record(self, metrics: dict[str, float]) -> None:
+        """To MLflow, and to ``metrics.jsonl`` beside the checkpoints (a plain-text record readable without it)."""
+        self.tracker.log_metrics(metrics, step=self.step)
+        if self.dist.is_main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, **metrics}) + "\n")
 
     def validate(self) -> dict[str, float]:
         cfg = self.cfg
@@ -218,7 +222,7 @@ class Trainer:
                                    batch_size=cfg.train.micro_batch_size, rank=self.dist.rank,
                                    world_size=self.dist.world_size, num_workers=0, pixel_range=cfg.data.pixel_range)
         metrics = self.task.validate(loader, cfg.train.val_batches)
-        self.tracker.log_metrics(metrics, step=self.step)
+        self.record(metrics)
         return metrics
 
     def write_grid(self, batch: Optional[dict] = None) -> Optional[Path]:
@@ -239,8 +243,10 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.train
         self.grid_batch = self.first_val_batch() or self.next_batch()
-        if self.step == 0:
+        if self.step == 0:  # the "before" picture and numbers, to compare the end of training against
             self.write_grid()
+            if t.val_every and self.shards("val"):
+                self.validate()
         bar = tqdm(total=t.steps, initial=self.step, disable=not (t.progress and self.dist.is_main),
                    unit="step", dynamic_ncols=True)
         last: dict[str, float] = {}

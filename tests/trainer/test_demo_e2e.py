@@ -32,12 +32,9 @@ def train(env: dict, recipe: str, *overrides: str) -> subprocess.CompletedProces
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, subprocess.CompletedProcess]:
-    import os
+def demo_run(tmp_path_factory: pytest.TempPathFactory, make_launch_env) -> tuple[Path, dict, subprocess.CompletedProcess]:
     tmp = tmp_path_factory.mktemp("demo")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}", OMP_NUM_THREADS="2",
-               PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0")
+    env = make_launch_env(tmp, threads=2)
     out = tmp / "run"
     res = train(env, "demo", f"train.out_dir={out}", "train.steps=6", "train.log_every=2", "train.val_every=3",
                 "train.val_batches=2", "train.image_every=3", "train.ckpt_every=3", "loss.disc_start=1",
@@ -64,7 +61,7 @@ def test_demo_run_records_everything_in_mlflow(demo_run) -> None:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert steps == [2, 4, 6], f"{key}: logged at {steps}"
     for key in VAL_METRICS:
-        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [3, 6], key
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 3, 6], key
     d_loss = client.get_metric_history(run.info.run_id, "train/disc_loss")
     assert d_loss[-1].value > 0  # the discriminator started at step 1
     rfid = client.get_metric_history(run.info.run_id, "eval/rfid")

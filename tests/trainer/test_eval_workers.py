@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 from trainer.eval_data import load_image
-from trainer.eval_workers import AsyncEvaluator, Source, WorkerPool, compute_ref_stats, evaluate_gfid, evaluate_rfid
+from trainer.async_eval import AsyncEvaluator
+from trainer.eval_workers import Source, WorkerPool, compute_ref_stats, evaluate_gfid, evaluate_rfid
 from trainer.metrics import RefStats
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"

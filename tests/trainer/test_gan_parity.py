@@ -9,7 +9,6 @@ global batch — what data parallelism with gradient accumulation is supposed to
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -40,7 +40,8 @@ def losses(out: Path) -> dict[int, dict[str, float]]:
     rows = {}
     for line in (out / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
-        rows[row["step"]] = {k: row[k] for k in LOSSES}
+        if "train/total_loss" in row:  # validation rows carry val/* only
+            rows[row["step"]] = {k: row[k] for k in LOSSES}
     return rows
 
 
@@ -56,14 +57,8 @@ def straight(tmp_path_factory: pytest.TempPathFactory, torchrun_env: dict) -> Pa
 
 
 @pytest.fixture(scope="module")
-def torchrun_env(tmp_path_factory: pytest.TempPathFactory) -> dict:  # module-scoped twin of conftest's
-    import os
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
-    env["OMP_NUM_THREADS"] = "1"
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    return env
+def torchrun_env(tmp_path_factory: pytest.TempPathFactory, make_launch_env) -> dict:  # module-scoped
+    return make_launch_env(tmp_path_factory.mktemp("mlflow"))
 
 
 def test_stop_resume_and_crash_during_save_give_the_uninterrupted_losses(straight: Path, tmp_path: Path,
