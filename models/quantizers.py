@@ -135,9 +135,17 @@ class Quantizer(nn.Module):
             x = x.float()
             return F.normalize(x, dim=-1) if self.cfg.l2_norm else x
 
+    def _module_dtype(self) -> torch.dtype:
+        """The dtype the rest of the model runs in. DeepSpeed's bf16 casts parameters but leaves buffers fp32,
+        so a parameter decides; a module without one (EMA codebook, no projection) follows its buffer."""
+        for p in self.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return self._dtype_ref.dtype
+
     def _vectors_out(self, zq: Tensor, b: int, h: int, w: int) -> Tensor:
         """(B*h*w, code_dim) fp32 -> (B, dim, h, w) in the module dtype."""
-        y = self.proj_out(zq.to(self._dtype_ref.dtype))
+        y = self.proj_out(zq.to(self._module_dtype()))
         return rearrange(y, "(b h w) d -> b d h w", b=b, h=h, w=w)
 
     def _distance_loss(self, x: Tensor, q: Tensor, learned_by_grad: bool) -> Tensor:

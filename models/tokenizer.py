@@ -130,7 +130,8 @@ class Tokenizer(nn.Module):
         return self.quantizer(self.encoder(x))  # (B, D, h, w) -> quantized (B, D, h, w)
 
     def decode(self, quantized: torch.Tensor) -> torch.Tensor:
-        return self.decoder(quantized)  # (B, out_channels, H, W), raw head output
+        dtype = next(p.dtype for p in self.decoder.parameters())  # bf16 under DeepSpeed; EMA codes stay fp32
+        return self.decoder(quantized.to(dtype))  # (B, out_channels, H, W), raw head output
 
     def decode_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """Decoder output for code indices; equals ``decode(encode(x).quantized)`` for ``indices = encode(x).indices``."""

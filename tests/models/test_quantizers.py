@@ -336,3 +336,21 @@ def test_config_validation_and_docs():
     cfg = from_dict(QuantizerConfig, {"kind": "residual", "l2_norm": False, "residual_depth": 2})
     assert cfg.residual_depth == 2 and cfg.codebook_size == 8192
     assert set(field_docs(QuantizerConfig)) == {f.name for f in dataclasses.fields(QuantizerConfig)}
+
+
+@pytest.mark.parametrize("name", KINDS)
+@pytest.mark.parametrize("factorize", [True, False])
+def test_deepspeed_style_bf16_params_with_fp32_buffers(name, factorize):
+    """DeepSpeed bf16 casts parameters only; buffers (EMA statistics, dtype markers) stay fp32. The quantized
+    output must then follow the parameters, or the next bf16 layer meets an fp32 input."""
+    from models.tokenizer import Tokenizer, TokenizerConfig
+    cfg = dataclasses.replace(TokenizerConfig.PRESETS["debug"],
+                              quantizer=from_dict(QuantizerConfig, {**KINDS[name], "factorize": factorize,
+                                                                    "code_dim": 8 if factorize else 64}))
+    tok = Tokenizer(cfg)
+    for p in tok.parameters():
+        p.data = p.data.bfloat16()
+    x = torch.rand(2, 3, 32, 32).bfloat16() * 2 - 1
+    dec_out, q = tok(x)  # raised "mat1 and mat2 must have the same dtype" before the fix
+    assert dec_out.dtype == torch.bfloat16
+    assert tok.decode_codes(q.indices).dtype == torch.bfloat16

@@ -95,11 +95,12 @@ def test_demo_run_records_everything_in_mlflow(demo_run) -> None:
 def test_compare_lists_two_runs_with_their_differing_config(demo_run, tmp_path: Path) -> None:
     out, env, _ = demo_run
     train(env, "demo", f"train.out_dir={tmp_path / 'second'}", "train.steps=2", "train.log_every=1",
-          "train.val_every=0", "train.image_every=100", "optim_g.lr=3e-4", "train.tracking=true")
+          "train.val_every=0", "train.image_every=100", "optim_g.lr=3e-4", "train.tracking=true",
+          "train.precision=bf16")  # also the bf16 path of DeepSpeed on the CPU: bf16 params, fp32 buffers
     res = subprocess.run([sys.executable, str(ROOT / "launch/compare.py"), "--experiment", "vitvq-stage1"], env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     text = res.stdout
     assert "optim_g.lr" in text and "0.0003" in text and "0.001" in text
-    assert "train.steps" in text and "train/total_loss" in text
+    assert "train.steps" in text and "train/total_loss" in text and "bf16" in text
     assert "model.encoder.width" not in text  # equal in both runs: not a difference
