@@ -22,28 +22,20 @@ from launch.evaluate import main
 from models.inception import WEIGHTS_ENV, WEIGHTS_FILE, WEIGHTS_SHA256
 
 ROOT = Path(__file__).resolve().parents[2]
-SHARED = ROOT / ".." / "shared" / "data"
 FAST = ["--extractor", "tiny", "--workers", "0", "--no-progress"]
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
-def cifar(cls: str) -> str:
-    path = SHARED / "cifar10-test" / cls
-    if not path.is_dir():
-        pytest.skip(f"real photographs not found at {path} (../shared/data beside the checkout)")
-    return str(path)
-
-
 @pytest.fixture(scope="module")
-def ref(tmp_path_factory) -> Path:
+def ref(cifar, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ref") / "cat-ref.npz"
     main(["ref-stats", "--images", cifar("cat"), "--limit", "64", "--out", str(out), *FAST])
     return out
 
 
 @pytest.fixture(scope="module")
-def samples(tmp_path_factory) -> tuple[Path, Path]:
+def samples(cifar, tmp_path_factory) -> tuple[Path, Path]:
     """The same 50 real photos as an ADM-style .npz (uint8 NHWC under arr_0) and as a folder of PNGs."""
     tmp = tmp_path_factory.mktemp("samples")
     files = sorted(Path(cifar("dog")).glob("*.jpg"))[:50]
@@ -55,7 +47,7 @@ def samples(tmp_path_factory) -> tuple[Path, Path]:
     return tmp / "samples.npz", tmp / "png"
 
 
-def test_ref_stats_store_protocol_and_read_back(ref: Path, tmp_path: Path):
+def test_ref_stats_store_protocol_and_read_back(cifar, ref: Path, tmp_path: Path):
     with np.load(ref) as z:
         protocol = json.loads(str(z["protocol"]))
         assert z["mu"].shape == (64,) and z["sigma"].shape == (64, 64) and int(z["count"]) == 64
@@ -89,7 +81,7 @@ def test_gfid_against_adm_style_reference(ref: Path, samples: tuple[Path, Path],
     assert "protocol not recorded" in adm["protocol"]["reference_protocol"]["source"]
 
 
-def test_rfid_logs_into_the_training_run(tmp_path: Path):
+def test_rfid_logs_into_the_training_run(cifar, tmp_path: Path):
     from models.tokenizer import Tokenizer, TokenizerConfig
     from trainer.tracking import get_or_create_experiment, mlflow_client
     torch.manual_seed(0)
@@ -110,7 +102,7 @@ def test_rfid_logs_into_the_training_run(tmp_path: Path):
     assert run.info.status == "RUNNING"  # evaluation leaves the training run's status alone
 
 
-def test_protocol_mismatch_is_reported(ref: Path, samples: tuple[Path, Path], tmp_path: Path):
+def test_protocol_mismatch_is_reported(cifar, ref: Path, samples: tuple[Path, Path], tmp_path: Path):
     from models.tokenizer import Tokenizer, TokenizerConfig
     export = Tokenizer(TokenizerConfig.PRESETS["debug"]).save_export(tmp_path / "tok.pt", {"step": 1})
     # The reference was made "as stored"; rFID crops to the tokenizer's 32 px: not the same protocol.

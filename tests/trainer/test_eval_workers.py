@@ -22,15 +22,7 @@ from trainer.async_eval import AsyncEvaluator
 from trainer.eval_workers import Source, WorkerPool, compute_ref_stats, evaluate_gfid, evaluate_rfid
 from trainer.metrics import RefStats
 
-SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 CPUS = 0.25
-
-
-def cifar(cls: str = "") -> str:
-    path = SHARED / "cifar10-test" / cls
-    if not path.is_dir():
-        pytest.skip(f"real photographs not found at {path} (../shared/data beside the checkout)")
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +52,7 @@ def export(tmp_path_factory) -> str:
     return str(tok.save_export(tmp_path_factory.mktemp("tok") / "tok.pt", {"step": 123}))
 
 
-def test_one_two_three_workers_give_the_same_fid_and_is(pools):
+def test_one_two_three_workers_give_the_same_fid_and_is(cifar, pools):
     cats, prot = compute_ref_stats(pools[0], Source(images=cifar("cat"), limit=100), 50, progress=False)
     ref = RefStats(*cats.mean_cov(), prot)
     samples = Source(images=cifar(), limit=101)  # 101: slices of unequal length for 2 and 3 workers
@@ -75,7 +67,7 @@ def test_one_two_three_workers_give_the_same_fid_and_is(pools):
         assert r.metrics["eval/is_std"] == pytest.approx(base["eval/is_std"], rel=1e-6, abs=1e-12), w
 
 
-def test_rfid_with_two_workers_matches_in_process_and_hand(pools, export, tmp_path: Path):
+def test_rfid_with_two_workers_matches_in_process_and_hand(cifar, pools, export, tmp_path: Path):
     from models.tokenizer import Tokenizer
     src = Source(images=cifar("ship"), limit=40)
     recons = tmp_path / "recons"
@@ -103,7 +95,7 @@ def test_rfid_with_two_workers_matches_in_process_and_hand(pools, export, tmp_pa
     assert np.abs(png.astype(int) - expect.astype(int)).max() <= 1  # rounding of the last float bit at most
 
 
-def test_shards_and_folder_give_the_same_statistics(pools, tmp_path: Path):
+def test_shards_and_folder_give_the_same_statistics(cifar, pools, tmp_path: Path):
     from data.shards import WriteOptions, write_shards
     from data.sources import list_folder
     from data.urls import index_path
@@ -119,7 +111,7 @@ def test_shards_and_folder_give_the_same_statistics(pools, tmp_path: Path):
     assert pf["crop"] == ps["crop"]  # so a ref from one and an rFID from the other are comparable
 
 
-def test_async_evaluator_returns_at_once_and_matches_sync(ray_cluster, pools, export, tmp_path: Path):
+def test_async_evaluator_returns_at_once_and_matches_sync(cifar, ray_cluster, pools, export, tmp_path: Path):
     src = Source(images=cifar("truck"), limit=48)
     ev = AsyncEvaluator(src, workers=1, extractor="tiny", lpips="off", batch_size=16, cpus_per_worker=CPUS)
     t0 = time.time()

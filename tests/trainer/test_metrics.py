@@ -22,14 +22,6 @@ from trainer.metrics import (FIDStats, ISStats, ReconStats, RefStats, codebook_u
                              is_split_ids, load_ref_stats, lpips_per_image, protocol_mismatches, psnr_per_image,
                              save_ref_stats, ssim_per_image)
 
-SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
-
-
-def cifar(cls: str) -> str:
-    path = SHARED / "cifar10-test" / cls
-    if not path.is_dir():
-        pytest.skip(f"real photographs not found at {path} (../shared/data beside the checkout)")
-    return str(path)
 
 
 def scipy_fid(f1: np.ndarray, f2: np.ndarray) -> float:
@@ -92,7 +84,7 @@ def test_fid_merge_is_exact_and_self_distance_zero():
     assert frechet_distance(mu, cov, mu, cov) == pytest.approx(scipy_fid(small, small), abs=1e-6)
 
 
-def test_fid_of_real_photos_against_themselves_is_zero_and_other_class_is_not():
+def test_fid_of_real_photos_against_themselves_is_zero_and_other_class_is_not(cifar):
     pool = WorkerPool(0, extractor="tiny")
     cats, prot = compute_ref_stats(pool, Source(images=cifar("cat"), limit=200), 100, progress=False)
     assert prot["comparable_to_papers"] is False and "NOT comparable" in prot["implementation"]
