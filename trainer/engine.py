@@ -114,8 +114,9 @@ def build_engine(module: torch.nn.Module, optim: OptimConfig, train: TrainConfig
     """One DeepSpeed engine with its own AdamW and warm-up + cosine schedule."""
     params = [p for p in module.parameters() if p.requires_grad]
     # Biases, norms and codebooks carry no weight decay (1-d or lookup tables would be shrunk towards zero).
-    decay = [p for p in params if p.ndim >= 2 and not getattr(p, "_no_weight_decay", False)]
-    no_decay = [p for p in params if not (p.ndim >= 2 and not getattr(p, "_no_weight_decay", False))]
+    decays = [p.ndim >= 2 and not getattr(p, "_no_weight_decay", False) for p in params]
+    decay = [p for p, d in zip(params, decays) if d]
+    no_decay = [p for p, d in zip(params, decays) if not d]
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=optim.betas, eps=optim.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(

@@ -136,8 +136,8 @@ class Stage1Task:
             sums[1] += (a - b).abs().flatten(1).mean(1).sum().double()
             sums[2] += (10 * torch.log10(1.0 / mse)).sum().double()
             sums[3] += self.loss.lpips_distance(x, x_rec).sum().double()
-            hist += torch.bincount(q.indices.flatten() % k if q.indices.ndim == 3 else q.indices[..., 0].flatten(),
-                                   minlength=k).double()
+            codes = q.indices if q.indices.ndim == 3 else q.indices[..., 0]  # residual: the first level's codes
+            hist += torch.bincount(codes.flatten(), minlength=k).double()
         all_reduce_sum(sums)
         all_reduce_sum(hist)
         gen.train(was_training)

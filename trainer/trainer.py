@@ -45,6 +45,7 @@ class Trainer:
         self.nonfinite_total = 0
         self.last_good: Optional[str] = None
         self.history: list[dict[str, float]] = []
+        self._shard_specs: dict[str, Optional[str]] = {}
 
     # -- the named steps --------------------------------------------------------------------------
     def build(self) -> None:
@@ -125,12 +126,16 @@ class Trainer:
         self.batches = iter(self.stream)
 
     def shards(self, split: str) -> Optional[str]:
-        """The shard spec of ``split`` ("train" or "val"); the built-in demo data is written on first use."""
-        d = self.cfg.data
-        if d.source == "demo":
-            from data import ensure_demo_shards
-            return str(ensure_demo_shards(d.demo_root, d.image_size, split))
-        return d.train_shards if split == "train" else d.val_shards
+        """The shard spec of ``split`` ("train" or "val"); the built-in demo data is written on first use.
+        Resolved once per split: the loop asks every step, and the demo check takes a file lock and stats shards."""
+        if split not in self._shard_specs:
+            d = self.cfg.data
+            if d.source == "demo":
+                from data import ensure_demo_shards
+                self._shard_specs[split] = str(ensure_demo_shards(d.demo_root, d.image_size, split))
+            else:
+                self._shard_specs[split] = d.train_shards if split == "train" else d.val_shards
+        return self._shard_specs[split]
 
     def data_index_checksum(self) -> str:
         from data import index_checksum
