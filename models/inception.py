@@ -22,7 +22,6 @@ benchmarks on machines without the weights. Its numbers are NOT comparable to pu
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -30,6 +29,8 @@ from typing import Any, Literal, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from models.perceptual import file_sha256
 
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_FILE_PYTORCH_FID = "pt_inception-2015-12-05-6726825d.pth"  # the same bytes under pytorch-fid's name
@@ -54,30 +55,21 @@ def _how_to_fix() -> str:
             f"{WEIGHTS_ENV}=PATH.")
 
 
-_verified: dict[tuple[str, int, int], bool] = {}  # (path, size, mtime) -> checked, so actors hash once
-
-
 def verify_weights(path: str | Path) -> Path:
-    """Return ``path`` if it is the expected InceptionV3 file (size, then sha256), else raise with the fix."""
+    """Return ``path`` if it is the expected InceptionV3 file (size, then sha256), else raise with the fix.
+    The hash is computed once per process (``file_sha256``), so every actor and checkpoint pays it once."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise InceptionWeightsError(f"InceptionV3 weights file {path} does not exist. {_how_to_fix()}")
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key in _verified:
-        return path
-    if st.st_size != WEIGHTS_SIZE:
-        raise InceptionWeightsError(f"InceptionV3 weights file {path} has {st.st_size:,} bytes, expected "
+    size = path.stat().st_size
+    if size != WEIGHTS_SIZE:
+        raise InceptionWeightsError(f"InceptionV3 weights file {path} has {size:,} bytes, expected "
                                     f"{WEIGHTS_SIZE:,} (sha256 {WEIGHTS_SHA256}): wrong or truncated file. "
                                     f"{_how_to_fix()}")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    if h.hexdigest() != WEIGHTS_SHA256:
-        raise InceptionWeightsError(f"InceptionV3 weights file {path} has sha256 {h.hexdigest()}, expected "
+    got = file_sha256(path)
+    if got != WEIGHTS_SHA256:
+        raise InceptionWeightsError(f"InceptionV3 weights file {path} has sha256 {got}, expected "
                                     f"{WEIGHTS_SHA256}: wrong file. {_how_to_fix()}")
-    _verified[key] = True
     return path
 
 

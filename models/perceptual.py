@@ -85,6 +85,12 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a weights file, hashed once per process while its size and mtime stay the same."""
+    st = path.stat()
+    return _sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
 def verify_file(path: Path, spec: WeightsFile) -> None:
     """Refuse ``path`` unless its size and sha256 are the ones of ``spec`` (the hash is cached per process)."""
     st = path.stat()
@@ -92,7 +98,7 @@ def verify_file(path: Path, spec: WeightsFile) -> None:
         raise WeightsChecksumError(
             f"{path} is {st.st_size:,} bytes, expected {spec.size:,} for {spec.filename} (sha256 {spec.sha256}); "
             f"a partial or different file? Get it from {spec.url}")
-    got = _sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
+    got = file_sha256(path)
     if got != spec.sha256:
         raise WeightsChecksumError(
             f"{path} has sha256 {got}, expected {spec.sha256} for {spec.filename}; get it from {spec.url}")
