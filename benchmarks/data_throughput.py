@@ -23,13 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from data import DataConfig, build_train_stream  # noqa: E402
-from data.shards import WriteOptions, write_shards  # noqa: E402
-from data.sources import list_imagenet  # noqa: E402
+from vitvq.data import DataConfig, build_train_stream
+from vitvq.data.shards import WriteOptions, write_shards
+from vitvq.data.sources import list_imagenet
 
 BATCH = 32
 

@@ -16,20 +16,17 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from models.inception import InceptionWeightsError, resolve_inception_weights  # noqa: E402
-from trainer.eval_data import list_images  # noqa: E402
-from trainer.eval_workers import Source, WorkerPool, compute_ref_stats, evaluate_gfid  # noqa: E402
-from trainer.metrics import RefStats  # noqa: E402
+from vitvq.evaluation.inception import InceptionWeightsError, resolve_inception_weights
+from vitvq.evaluation.data import list_images
+from vitvq.evaluation.workers import Source, WorkerPool, compute_ref_stats, evaluate_gfid
+from vitvq.evaluation.metrics import RefStats
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 

@@ -22,24 +22,22 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils.flop_counter import flop_registry  # noqa: E402
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
-from models.config import from_dict  # noqa: E402
-from models.discriminators import DiscConfig, build_discriminator  # noqa: E402
-from models.losses import LossConfig, Stage1Loss  # noqa: E402
-from models.perceptual import MissingWeightsError, find_backbone_file  # noqa: E402
-from models.tokenizer import Tokenizer, TokenizerConfig  # noqa: E402
-from trainer.config import OptimConfig  # noqa: E402
+from vitvq.configs import from_dict
+from vitvq.models.discriminators import DiscConfig, build_discriminator
+from vitvq.models.losses import LossConfig, Stage1Loss
+from vitvq.models.perceptual import MissingWeightsError, find_backbone_file
+from vitvq.models.tokenizer import Tokenizer, TokenizerConfig
+from vitvq.trainer.config import OptimConfig
 
 # benchmark preset -> (TokenizerConfig preset, DiscConfig preset, default image size, default timed steps).
 # "small" is ViT-VQGAN Small-Small with the StyleGAN2 discriminator, at 128px by default: on 2 CPU cores one of

@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 MARK = "BENCH_RESULT "
 # name -> recipe, overrides, (global batch, micro batch), warm-up steps, timed steps.
@@ -91,8 +90,8 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    from trainer.config import load_stage1_config
-    from trainer.trainer import Trainer
+    from vitvq.trainer.config import load_stage1_config
+    from vitvq.trainer.trainer import Trainer
 
     recipe, overrides, (global_batch, micro), warmup, default_iters = PRESETS[args.worker]
     cfg = load_stage1_config(ROOT / recipe, overrides + COMMON + [

@@ -11,11 +11,11 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "DataConfig": "data.config",
-    "TrainStream": "data.stream", "EvalLoader": "data.stream",
-    "build_train_stream": "data.stream", "build_eval_loader": "data.stream",
-    "ensure_demo_shards": "data.builtin",
-    "ShardError": "data.urls", "ShardList": "data.urls", "resolve_shards": "data.urls", "index_checksum": "data.urls",
+    "DataConfig": "vitvq.data.config",
+    "TrainStream": "vitvq.data.stream", "EvalLoader": "vitvq.data.stream",
+    "build_train_stream": "vitvq.data.stream", "build_eval_loader": "vitvq.data.stream",
+    "ensure_demo_shards": "vitvq.data.builtin",
+    "ShardError": "vitvq.data.urls", "ShardList": "vitvq.data.urls", "resolve_shards": "vitvq.data.urls", "index_checksum": "vitvq.data.urls",
 }
 
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data.shards import _add, sha256_file
-from data.urls import INDEX_FORMAT, index_path
+from vitvq.data.shards import _add, sha256_file
+from vitvq.data.urls import INDEX_FORMAT, index_path
 
 # Photographs (not drawings or synthetic patterns); grayscale ones are stored as RGB.
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",

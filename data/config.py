@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from models.config import check
+from vitvq.configs import check
 
 Transform = Literal["resize_crop", "random_resized_crop"]
 PixelRange = Literal["minus_one_one", "zero_one"]

@@ -32,9 +32,9 @@ from typing import Any, Optional
 
 from tqdm import tqdm
 
-from data.clean import BadImage, clean_image
-from data.sources import Item, Listing
-from data.urls import INDEX_FORMAT, index_path
+from vitvq.data.clean import BadImage, clean_image
+from vitvq.data.sources import Item, Listing
+from vitvq.data.urls import INDEX_FORMAT, index_path
 
 
 @dataclass(frozen=True)

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.config import DataConfig
-from data.cursor import Cursor, range_pieces, read_raw
-from data.transforms import image_bytes, label_of, load_crop, random_resized_box, square_box, to_float
-from data.urls import ShardError, ShardList, resolve_shards
+from vitvq.data.config import DataConfig
+from vitvq.data.cursor import Cursor, range_pieces, read_raw
+from vitvq.data.transforms import image_bytes, label_of, load_crop, random_resized_box, square_box, to_float
+from vitvq.data.urls import ShardError, ShardList, resolve_shards
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -162,7 +162,7 @@ def build_train_stream(cfg: DataConfig, *, batch_size: int, rank: int, world_siz
         raise ValueError(f"need 0 <= rank < world_size and batch_size >= 1 (got {rank}, {world_size}, {batch_size})")
     spec = cfg.train_shards
     if cfg.source == "demo":
-        from data.builtin import ensure_demo_shards
+        from vitvq.data.builtin import ensure_demo_shards
         spec = str(ensure_demo_shards(cfg.demo_root, cfg.image_size))
     shards = resolve_shards(spec, cfg.index, what="data.train_shards")
     slots = world_size * cfg.streams

@@ -18,9 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from trainer.tracking import mlflow_client  # noqa: E402  (MLflow itself is imported only there)
+from vitvq.trainer.tracking import mlflow_client  # (MLflow itself is imported only there)
 
 # The stage-1 names runs are compared on (issue 4); a name no run logged is left out of the table.
 DEFAULT_METRICS = (

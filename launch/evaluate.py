@@ -16,18 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-if __package__ in (None, ""):  # `python launch/evaluate.py` from a checkout: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.inception import InceptionWeightsError  # noqa: E402
-from trainer.eval_workers import (EvalResult, Source, WorkerPool, compute_ref_stats, evaluate_gfid,  # noqa: E402
+from vitvq.evaluation.inception import InceptionWeightsError
+from vitvq.evaluation.workers import (EvalResult, Source, WorkerPool, compute_ref_stats, evaluate_gfid,
                                   evaluate_rfid)
-from trainer.metrics import save_ref_stats  # noqa: E402
+from vitvq.evaluation.metrics import save_ref_stats
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -108,7 +105,7 @@ def print_table(title: str, values: dict[str, Any], protocol: dict[str, Any], no
 def log_to_mlflow(run_id: str, result: EvalResult, tracking_uri: Optional[str]) -> None:
     """Metrics into the run that produced the checkpoint, at its step; the protocol as tags (MlflowClient: the
     run's status is left alone, unlike a resumed training run)."""
-    from trainer.tracking import clean_key, clip, mlflow_client, tag_limit
+    from vitvq.trainer.tracking import clean_key, clip, mlflow_client, tag_limit
     client = mlflow_client(tracking_uri)
     for key, value in result.metrics.items():
         client.log_metric(run_id, clean_key(key), float(value), step=int(result.step or 0))

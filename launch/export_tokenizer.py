@@ -8,12 +8,10 @@ The file loads without DeepSpeed: ``models.tokenizer.Tokenizer.load_export("toke
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.export import export_tokenizer  # noqa: E402
+from vitvq.trainer.export import export_tokenizer
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from data.shards import WriteOptions, write_shards  # noqa: E402
-from data.sources import list_ffhq, list_folder, list_imagenet  # noqa: E402
+from vitvq.data.shards import WriteOptions, write_shards
+from vitvq.data.sources import list_ffhq, list_folder, list_imagenet
 
 
 def parse_bytes(text: str) -> int:

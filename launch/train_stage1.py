@@ -10,13 +10,9 @@ Rerunning the same command resumes from the latest complete checkpoint in ``trai
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from trainer.cli import parse_config, print_summary  # noqa: E402
-from trainer.trainer import train  # noqa: E402
+from vitvq.trainer.cli import parse_config, print_summary
+from vitvq.trainer.trainer import train
 
 
 def main(argv: list[str] | None = None) -> dict:

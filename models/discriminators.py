@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
-from models.config import check
+from vitvq.configs import check
 
 SQRT2 = math.sqrt(2.0)
 

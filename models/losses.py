@@ -16,7 +16,6 @@ The trainer runs the discriminator itself and passes it in as a callable, frozen
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
@@ -24,10 +23,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.config import check
-from models.perceptual import PerceptualLoss
+from vitvq.configs import check
+from vitvq.models.logit_laplace import LOGIT_LAPLACE_EPS, decoder_output_to_image, logit_laplace_image, logit_laplace_nll
+from vitvq.models.perceptual import PerceptualLoss
 
-LOGIT_LAPLACE_EPS = 0.1  # DALL-E's squeeze: x' = (1 - 2e) x + e keeps logit(x') finite
 OutputKind = Literal["pixels", "logit_laplace"]
 GanLoss = Literal["hinge", "non_saturating", "least_squares"]
 
@@ -81,38 +80,6 @@ class LossConfig:
         check(self.disc_start >= 0, "disc_start", self.disc_start, "must be >= 0")
         check(self.r1_every > 0, "r1_every", self.r1_every, "must be a positive number of steps")
         check(0 <= self.lecam_decay < 1, "lecam_decay", self.lecam_decay, "must be in [0, 1)")
-
-
-# -- reconstruction ----------------------------------------------------------------------------------
-def _squeeze(x01: torch.Tensor) -> torch.Tensor:
-    return (1 - 2 * LOGIT_LAPLACE_EPS) * x01.float().clamp(0, 1) + LOGIT_LAPLACE_EPS
-
-
-def logit_laplace_nll(params: torch.Tensor, x01: torch.Tensor) -> torch.Tensor:
-    """Mean NLL of pixels ``x01`` (B, 3, H, W) in [0, 1] under the logit-Laplace ``params`` (B, 6, H, W).
-
-    ``params[:, :3]`` is mu and ``params[:, 3:]`` is ln b. With x' the squeezed pixel and y = logit(x'),
-    -ln p(x') = ln(2b) + ln(x'(1 - x')) + |y - mu| / b (a Laplace in y times the Jacobian dy/dx')."""
-    mu, log_b = params.float().chunk(2, dim=1)  # (B, 3, H, W) each
-    xs = _squeeze(x01)
-    y = torch.log(xs) - torch.log1p(-xs)
-    nll = math.log(2.0) + log_b + torch.log(xs * (1 - xs)) + (y - mu).abs() * torch.exp(-log_b)
-    return nll.mean()
-
-
-def logit_laplace_image(params: torch.Tensor) -> torch.Tensor:
-    """Reconstruction in [0, 1] from logit-Laplace params (B, 6, H, W): un-squeezed sigmoid(mu), clamped."""
-    mu = params.float()[:, : params.shape[1] // 2]
-    return ((torch.sigmoid(mu) - LOGIT_LAPLACE_EPS) / (1 - 2 * LOGIT_LAPLACE_EPS)).clamp(0, 1)  # (B, 3, H, W)
-
-
-def decoder_output_to_image(out: torch.Tensor, output_kind: str) -> torch.Tensor:
-    """Decoder output -> image (B, 3, H, W) in [-1, 1]: identity for "pixels", the mean for "logit_laplace"."""
-    if output_kind == "pixels":
-        return out
-    if output_kind == "logit_laplace":
-        return logit_laplace_image(out) * 2 - 1
-    raise ValueError(f"unknown decoder output kind {output_kind!r}; expected 'pixels' or 'logit_laplace'")
 
 
 # -- GAN losses ---------------------------------------------------------------------------------------

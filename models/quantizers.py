@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from models.codebook import AllReduce, Codebook, code_stats, fp32_island, no_reduce
-from models.config import ConfigError, check
+from vitvq.models.codebook import AllReduce, Codebook, code_stats, fp32_island, no_reduce
+from vitvq.configs import ConfigError, check
 
 
 @dataclass

@@ -21,11 +21,11 @@ from typing import Any, Callable, ClassVar, Literal, Optional
 import torch
 import torch.nn as nn
 
-from models.cnn import CNNConfig, CNNDecoder, CNNEncoder
-from models.config import check, from_dict, to_dict
-from models.losses import decoder_output_to_image
-from models.quantizers import QuantizerConfig, QuantizerOutput, build_quantizer
-from models.vit import ViTConfig, ViTDecoder, ViTEncoder
+from vitvq.models.cnn import CNNConfig, CNNDecoder, CNNEncoder
+from vitvq.configs import check, from_dict, to_dict
+from vitvq.models.logit_laplace import decoder_output_to_image
+from vitvq.models.quantizers import QuantizerConfig, QuantizerOutput, build_quantizer
+from vitvq.models.vit import ViTConfig, ViTDecoder, ViTEncoder
 
 EXPORT_FORMAT = "vitvq-tokenizer/1"
 

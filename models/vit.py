@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from models.config import check
+from vitvq.configs import check
 
 
 @dataclass

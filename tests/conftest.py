@@ -17,11 +17,10 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "vitv
 
 
 def launch_env(folder: Path, threads: int = 1) -> dict:
-    """Environment for launching ranks in subprocesses: repo importable, no inherited rank variables, an
-    MLflow store in ``folder``."""
+    """Environment for launching ranks in subprocesses: no inherited rank variables, one thread per rank, an
+    MLflow store in ``folder``. The launched scripts import ``vitvq`` from the (editable) install."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
     env["OMP_NUM_THREADS"] = str(threads)
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
     return env
@@ -54,7 +53,7 @@ def cifar(tmp_path_factory: pytest.TempPathFactory):
         import numpy as np
         from PIL import Image
 
-        from data.builtin import skimage_photos
+        from vitvq.data.builtin import skimage_photos
         root = tmp_path_factory.mktemp("photos")
         photos = skimage_photos()
         rng = np.random.default_rng(0)

@@ -25,7 +25,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from trainer.engine import DistInfo, barrier, convert_to_universal, load_engine, save_engine
+from vitvq.trainer.engine import DistInfo, barrier, convert_to_universal, load_engine, save_engine
 
 FAULT_ENV = "VITVQ_INJECT_FAULT"
 """Test hook: ``save@STEP`` kills the process in the middle of that save; ``step@STEP`` after that step."""

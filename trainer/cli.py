@@ -6,8 +6,8 @@ import os
 import sys
 from typing import Any
 
-from models.config import ConfigError
-from trainer.config import Stage1Config, load_stage1_config
+from vitvq.configs import ConfigError
+from vitvq.trainer.config import Stage1Config, load_stage1_config
 
 
 def parse_config(path: str, overrides: list[str]) -> Stage1Config:

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from data.config import DataConfig
-from models.config import check, flatten, from_dict, load, to_dict
-from models.discriminators import DiscConfig
-from models.losses import LossConfig
-from models.tokenizer import TokenizerConfig
+from vitvq.data.config import DataConfig
+from vitvq.configs import check, flatten, from_dict, load, to_dict
+from vitvq.models.discriminators import DiscConfig
+from vitvq.models.losses import LossConfig
+from vitvq.models.tokenizer import TokenizerConfig
 
 
 @dataclass
@@ -175,7 +175,7 @@ def config_hash(cfg: object) -> str:
 
 def stage1_from_flat(flat: dict) -> Stage1Config:
     """Rebuild a config from its flat (MLflow params) form."""
-    from models.config import unflatten
+    from vitvq.configs import unflatten
     return from_dict(Stage1Config, unflatten(flat))
 
 

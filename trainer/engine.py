@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.checkpoint import UNIVERSAL_CHECKPOINT_INFO
 
-from trainer.config import OptimConfig, TrainConfig
+from vitvq.trainer.config import OptimConfig, TrainConfig
 
 
 @dataclass(frozen=True)

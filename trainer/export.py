@@ -12,9 +12,9 @@ from typing import Optional
 
 import torch
 
-from models.tokenizer import Tokenizer
-from trainer.config import stage1_from_flat
-from trainer.engine import consolidated_fp32_state
+from vitvq.models.tokenizer import Tokenizer
+from vitvq.trainer.config import stage1_from_flat
+from vitvq.trainer.engine import consolidated_fp32_state
 
 
 def export_tokenizer(run_dir: str | Path, out: str | Path, tag: Optional[str] = None) -> Path:

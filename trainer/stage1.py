@@ -20,11 +20,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from models.discriminators import build_discriminator
-from models.losses import Stage1Loss
-from models.tokenizer import Tokenizer
-from trainer.config import OptimConfig, Stage1Config
-from trainer.engine import DistInfo, all_reduce_sum, any_rank
+from vitvq.models.discriminators import build_discriminator
+from vitvq.models.losses import Stage1Loss
+from vitvq.models.tokenizer import Tokenizer
+from vitvq.trainer.config import OptimConfig, Stage1Config
+from vitvq.trainer.engine import DistInfo, all_reduce_sum, any_rank
 
 
 def apply_activation_checkpointing(blocks: list[nn.Module]) -> None:

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import build_eval_loader, build_train_stream
-from models.config import flatten
-from trainer.checkpoint import CheckpointManager, maybe_fault, set_rng_state
-from trainer.config import Stage1Config, config_hash
-from trainer.engine import all_reduce_sum, barrier, build_engine, grad_norm, init_distributed
-from trainer.stage1 import Stage1Task
-from trainer.tracking import git_commit, make_tracker
+from vitvq.data import build_eval_loader, build_train_stream
+from vitvq.configs import flatten
+from vitvq.trainer.checkpoint import CheckpointManager, maybe_fault, set_rng_state
+from vitvq.trainer.config import Stage1Config, config_hash
+from vitvq.trainer.engine import all_reduce_sum, barrier, build_engine, grad_norm, init_distributed
+from vitvq.trainer.stage1 import Stage1Task
+from vitvq.trainer.tracking import git_commit, make_tracker
 
 
 class NonFiniteLossError(RuntimeError):
@@ -84,7 +84,7 @@ class Trainer:
         e = self.cfg.eval
         if not (e.every and self.dist.is_main):
             return None
-        from trainer.async_eval import AsyncEvaluator, Source
+        from vitvq.evaluation.async_eval import AsyncEvaluator, Source
         return AsyncEvaluator(Source(shards=self.shards("val"), resolution=self.cfg.data.image_size), ref=e.ref,
                               workers=e.workers, extractor=e.extractor, inception_weights=e.inception_weights,
                               batch_size=e.batch_size, lpips=e.lpips)
@@ -93,7 +93,7 @@ class Trainer:
         """Export the checkpoint just written and hand it to the evaluator; training goes on meanwhile."""
         if self.evaluator is None:
             return
-        from trainer.export import export_tokenizer
+        from vitvq.trainer.export import export_tokenizer
         path = export_tokenizer(self.out, self.out / "exports" / f"tokenizer_step{self.step:08d}.pt",
                                 self.ckpt.tag(self.step))
         self.evaluator.submit(path, self.step)
@@ -131,14 +131,14 @@ class Trainer:
         if split not in self._shard_specs:
             d = self.cfg.data
             if d.source == "demo":
-                from data import ensure_demo_shards
+                from vitvq.data import ensure_demo_shards
                 self._shard_specs[split] = str(ensure_demo_shards(d.demo_root, d.image_size, split))
             else:
                 self._shard_specs[split] = d.train_shards if split == "train" else d.val_shards
         return self._shard_specs[split]
 
     def data_index_checksum(self) -> str:
-        from data import index_checksum
+        from vitvq.data import index_checksum
         return index_checksum(self.shards("train"), self.cfg.data.index) or "none"
 
     def resume(self, resume: tuple[str, dict]) -> Optional[dict]:
@@ -301,7 +301,7 @@ class Trainer:
 
     def export(self) -> Optional[Path]:
         """fp32 tokenizer export from the final checkpoint (rank 0), logged to the MLflow run."""
-        from trainer.export import export_tokenizer
+        from vitvq.trainer.export import export_tokenizer
         path = None
         if self.dist.is_main:
             path = export_tokenizer(self.out, self.out / "tokenizer.pt")

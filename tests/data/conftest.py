@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.shards import WriteOptions, write_shards
-from data.sources import list_folder
+from vitvq.data.shards import WriteOptions, write_shards
+from vitvq.data.sources import list_folder
 
 
 def photo_like(rng: np.random.Generator, w: int, h: int) -> Image.Image:

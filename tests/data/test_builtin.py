@@ -10,8 +10,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from data import DataConfig, build_eval_loader, build_train_stream, ensure_demo_shards
-from data.builtin import PHOTOS, SPLITS, skimage_photos
+from vitvq.data import DataConfig, build_eval_loader, build_train_stream, ensure_demo_shards
+from vitvq.data.builtin import PHOTOS, SPLITS, skimage_photos
 
 
 def test_demo_shards_made_once_from_skimage_photos(tmp_path: Path) -> None:

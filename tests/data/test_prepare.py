@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from launch.prepare_data import main as prepare
+from vitvq.launch.prepare_data import main as prepare
 
 
 def read_shards(index_path: Path) -> dict[str, dict]:

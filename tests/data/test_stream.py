@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from data import DataConfig, ShardError, build_eval_loader, build_train_stream
-from data.shards import WriteOptions, write_shards
-from data.sources import list_folder
-from data.urls import count_tar
+from vitvq.data import DataConfig, ShardError, build_eval_loader, build_train_stream
+from vitvq.data.shards import WriteOptions, write_shards
+from vitvq.data.sources import list_folder
+from vitvq.data.urls import count_tar
 
 
 def cfg_for(spec: str | Path, **kw) -> DataConfig:
@@ -120,7 +120,7 @@ def test_bad_samples_are_skipped_counted_and_replaced(tmp_path: Path, syn_index:
     missing = index["shards"][1]["samples"] - readable
     assert s.skipped in (1 + missing, 2 + missing) and missing >= 3  # a half-cut member may count as read
     assert s.state_dict()["skipped"] == s.skipped  # counted in the worker, carried to the training process
-    with caplog.at_level(logging.WARNING, logger="data.cursor"):  # in-process: the warnings are visible
+    with caplog.at_level(logging.WARNING, logger="vitvq.data.cursor"):  # in-process: the warnings are visible
         s0 = build_train_stream(cfg_for(out / syn_index.name, num_workers=0), batch_size=1, rank=0, world_size=1,
                                 seed=0)
         assert same(take(s0, s0.batches_per_epoch), batches)

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from data.config import DataConfig
-from data.stream import Decode
-from data.transforms import random_resized_box, to_float
-from models.config import ConfigError, from_dict
+from vitvq.data.config import DataConfig
+from vitvq.data.stream import Decode
+from vitvq.data.transforms import random_resized_box, to_float
+from vitvq.configs import ConfigError, from_dict
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 

@@ -14,8 +14,8 @@ from PIL import Image
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no network on CI machines
 
-from launch.compare import DEFAULT_METRICS, differing_params, fetch_runs, latest_metrics, main  # noqa: E402
-from trainer.tracking import MLflowTracker, mlflow_client  # noqa: E402
+from vitvq.launch.compare import DEFAULT_METRICS, differing_params, fetch_runs, latest_metrics, main  # noqa: E402
+from vitvq.trainer.tracking import MLflowTracker, mlflow_client  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 EXP = "cmp-stage1"

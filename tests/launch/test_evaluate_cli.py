@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from launch.evaluate import main
-from models.inception import WEIGHTS_ENV, WEIGHTS_FILE, WEIGHTS_SHA256
+from vitvq.launch.evaluate import main
+from vitvq.evaluation.inception import WEIGHTS_ENV, WEIGHTS_FILE, WEIGHTS_SHA256
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--extractor", "tiny", "--workers", "0", "--no-progress"]
@@ -82,8 +82,8 @@ def test_gfid_against_adm_style_reference(ref: Path, samples: tuple[Path, Path],
 
 
 def test_rfid_logs_into_the_training_run(cifar, tmp_path: Path):
-    from models.tokenizer import Tokenizer, TokenizerConfig
-    from trainer.tracking import get_or_create_experiment, mlflow_client
+    from vitvq.models.tokenizer import Tokenizer, TokenizerConfig
+    from vitvq.trainer.tracking import get_or_create_experiment, mlflow_client
     torch.manual_seed(0)
     export = Tokenizer(TokenizerConfig.PRESETS["debug"]).save_export(tmp_path / "tok.pt", {"step": 123})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -103,7 +103,7 @@ def test_rfid_logs_into_the_training_run(cifar, tmp_path: Path):
 
 
 def test_protocol_mismatch_is_reported(cifar, ref: Path, samples: tuple[Path, Path], tmp_path: Path):
-    from models.tokenizer import Tokenizer, TokenizerConfig
+    from vitvq.models.tokenizer import Tokenizer, TokenizerConfig
     export = Tokenizer(TokenizerConfig.PRESETS["debug"]).save_export(tmp_path / "tok.pt", {"step": 1})
     # The reference was made "as stored"; rFID crops to the tokenizer's 32 px: not the same protocol.
     with pytest.warns(UserWarning, match="FID not comparable"):

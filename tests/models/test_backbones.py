@@ -12,9 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from models.cnn import AttnBlock, CNNConfig, CNNDecoder, CNNEncoder, Downsample, ResnetBlock
-from models.config import ConfigError, field_docs, from_dict
-from models.vit import Block, ViTConfig, ViTDecoder, ViTEncoder, sincos_pos_embed_2d
+from vitvq.models.cnn import AttnBlock, CNNConfig, CNNDecoder, CNNEncoder, Downsample, ResnetBlock
+from vitvq.configs import ConfigError, field_docs, from_dict
+from vitvq.models.vit import Block, ViTConfig, ViTDecoder, ViTEncoder, sincos_pos_embed_2d
 
 VIT = ViTConfig.PRESETS
 CNN = CNNConfig.PRESETS

@@ -12,11 +12,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.config import ConfigError, field_docs, from_dict
-from models.discriminators import (Blur, DiscBlock, DiscConfig, EqualConv2d, EqualLinear, MinibatchStd,
+from vitvq.configs import ConfigError, field_docs, from_dict
+from vitvq.models.discriminators import (Blur, DiscBlock, DiscConfig, EqualConv2d, EqualLinear, MinibatchStd,
                                    PatchGANDiscriminator, ScaledLeakyReLU, StyleGAN2Discriminator,
                                    build_discriminator)
-from models.losses import r1_penalty
+from vitvq.models.losses import r1_penalty
 
 TINY_SG2 = DiscConfig(kind="stylegan2", channel_base=128, channel_max=16)
 TINY_PATCH = DiscConfig(kind="patchgan", patchgan_ndf=8, patchgan_norm="group")

@@ -16,10 +16,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.stats import laplace
 
-from models.config import ConfigError, field_docs, from_dict
-from models.losses import (LossConfig, Stage1Loss, adaptive_weight, decoder_output_to_image, gan_d_loss, gan_g_loss,
+from vitvq.configs import ConfigError, field_docs, from_dict
+from vitvq.models.losses import (LossConfig, Stage1Loss, adaptive_weight, decoder_output_to_image, gan_d_loss, gan_g_loss,
                            lecam_regularization, logit_laplace_image, logit_laplace_nll, r1_penalty)
-from models.perceptual import (BACKBONE_FILES, MissingWeightsError, PerceptualLoss, WeightsChecksumError,
+from vitvq.models.perceptual import (BACKBONE_FILES, MissingWeightsError, PerceptualLoss, WeightsChecksumError,
                                WeightsFile, head_path, load_backbone_state, verify_file)
 
 # Tests never need the ImageNet trunk; squeeze builds in milliseconds.

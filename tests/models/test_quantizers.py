@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.config import ConfigError, field_docs, from_dict
-from models.quantizers import QuantizerConfig, build_quantizer
+from vitvq.configs import ConfigError, field_docs, from_dict
+from vitvq.models.quantizers import QuantizerConfig, build_quantizer
 
 KINDS = {
     "vq": dict(kind="vq"),
@@ -343,7 +343,7 @@ def test_config_validation_and_docs():
 def test_deepspeed_style_bf16_params_with_fp32_buffers(name, factorize):
     """DeepSpeed bf16 casts parameters only; buffers (EMA statistics, dtype markers) stay fp32. The quantized
     output must then follow the parameters, or the next bf16 layer meets an fp32 input."""
-    from models.tokenizer import Tokenizer, TokenizerConfig
+    from vitvq.models.tokenizer import Tokenizer, TokenizerConfig
     cfg = dataclasses.replace(TokenizerConfig.PRESETS["debug"],
                               quantizer=from_dict(QuantizerConfig, {**KINDS[name], "factorize": factorize,
                                                                     "code_dim": 8 if factorize else 64}))

@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 
-from models.quantizers import QuantizerConfig, build_quantizer  # noqa: E402
+from vitvq.models.quantizers import QuantizerConfig, build_quantizer
 
 DIM, STEPS, SPLIT = 6, 4, 3  # rank 0 gets the first SPLIT images of each 5-image global batch, rank 1 the rest
 SCENARIOS = {
@@ -78,7 +77,7 @@ def worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
 
 
 def test_codebooks_identical_across_ranks_and_equal_to_single_process(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, __file__, str(r), "2", str(tmp_path / "store"), str(tmp_path)],
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in (0, 1)]
     try:

@@ -7,17 +7,15 @@ chunks of the same global batch that the plain-PyTorch reference in the test see
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
-from trainer.config import load_stage1_config  # noqa: E402
-from trainer.engine import build_engine, init_distributed  # noqa: E402
-from trainer.stage1 import Stage1Task  # noqa: E402
+from vitvq.trainer.config import load_stage1_config
+from vitvq.trainer.engine import build_engine, init_distributed
+from vitvq.trainer.stage1 import Stage1Task
 
 
 def global_batch(step: int, n: int, size: int) -> torch.Tensor:

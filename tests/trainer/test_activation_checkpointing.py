@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.discriminators import build_discriminator
-from models.losses import Stage1Loss
-from models.tokenizer import Tokenizer
-from trainer.config import load_stage1_config
-from trainer.stage1 import apply_activation_checkpointing
+from vitvq.models.discriminators import build_discriminator
+from vitvq.models.losses import Stage1Loss
+from vitvq.models.tokenizer import Tokenizer
+from vitvq.trainer.config import load_stage1_config
+from vitvq.trainer.stage1 import apply_activation_checkpointing
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from models.config import ConfigError, field_docs, flatten
-from trainer.config import Stage1Config, config_hash, load_stage1_config, stage1_from_flat
+from vitvq.configs import ConfigError, field_docs, flatten
+from vitvq.trainer.config import Stage1Config, config_hash, load_stage1_config, stage1_from_flat
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "configs" / "stage1").glob("*.yaml"))
@@ -83,7 +83,7 @@ def test_a_bad_value_in_a_yaml_file_names_the_field(tmp_path: Path) -> None:
 
 
 def test_the_launcher_exits_with_the_field_name_not_a_traceback(capsys) -> None:
-    from trainer.cli import parse_config
+    from vitvq.trainer.cli import parse_config
     with pytest.raises(SystemExit) as exc:
         parse_config(str(DEBUG), ["train.micro_batch_size=0"])
     assert "train.micro_batch_size" in str(exc.value.code)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.tokenizer import Tokenizer
+from vitvq.models.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_METRICS = ("train/total_loss", "train/rec_loss", "train/perceptual_loss", "train/quant_loss", "train/g_loss",
@@ -43,7 +43,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory, make_launch_env) -> tuple
 
 
 def test_demo_run_records_everything_in_mlflow(demo_run) -> None:
-    from trainer.tracking import mlflow_client
+    from vitvq.trainer.tracking import mlflow_client
     out, env, res = demo_run
     assert "mlflow ui --backend-store-uri" in res.stdout and str(out) in res.stdout
     assert (out / "reconstructions.png").is_file() and (out / "tokenizer.pt").is_file()

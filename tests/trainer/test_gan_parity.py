@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.config import load_stage1_config
-from trainer.engine import DistInfo, warmup_cosine
-from trainer.stage1 import Stage1Task
+from vitvq.trainer.config import load_stage1_config
+from vitvq.trainer.engine import DistInfo, warmup_cosine
+from vitvq.trainer.stage1 import Stage1Task
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("parity_worker.py")

@@ -20,7 +20,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no network on CI ma
 
 from mlflow.tracking import MlflowClient  # noqa: E402  (tests read the store back independently)
 
-from trainer.tracking import MLflowTracker, NullTracker, git_commit, make_tracker, to_uint8_image  # noqa: E402
+from vitvq.trainer.tracking import MLflowTracker, NullTracker, git_commit, make_tracker, to_uint8_image  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,7 +1,7 @@
 """Evaluation workers: a pool of Ray actors that run Inception (and the tokenizer) over slices of a dataset.
 
-Each worker loads the feature extractor once, takes its slice of the data (``trainer.eval_data``: index striding
-over a folder or an ``.npz``, ``rank/world_size`` over shards), accumulates the sums of ``trainer.metrics`` and
+Each worker loads the feature extractor once, takes its slice of the data (``vitvq.evaluation.data``: index striding
+over a folder or an ``.npz``, ``rank/world_size`` over shards), accumulates the sums of ``vitvq.evaluation.metrics`` and
 hands them back; the driver adds them up, so FID/IS are the same for any number of workers. The driver polls the
 workers for their progress, which drives one tqdm bar over all of them.
 
@@ -9,7 +9,7 @@ workers for their progress, which drives one tqdm bar over all of them.
     res = evaluate_gfid(pool, Source(npz="samples.npz"), ref="VIRTUAL_imagenet256_labeled.npz")
     res.metrics   # {"eval/fid": ..., "eval/is": ..., "eval/is_std": ...}, res.protocol: how it was measured
 
-``workers=0`` runs the same code in this process without Ray. ``trainer.async_eval.AsyncEvaluator`` wraps a
+``workers=0`` runs the same code in this process without Ray. ``vitvq.evaluation.async_eval.AsyncEvaluator`` wraps a
 pool for training.
 """
 
@@ -29,9 +29,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from models.inception import build_extractor, resolve_inception_weights
-from trainer.eval_data import IndexedData, Source, shard_batches  # Source re-exported: the API takes it
-from trainer.metrics import (LPIPS_MODES, NETWORK_KEYS, PROTOCOL_KEYS_MUST_MATCH, FIDStats, ISStats, ReconStats,
+from vitvq.evaluation.inception import build_extractor, resolve_inception_weights
+from vitvq.evaluation.data import IndexedData, Source, shard_batches  # Source re-exported: the API takes it
+from vitvq.evaluation.metrics import (LPIPS_MODES, NETWORK_KEYS, PROTOCOL_KEYS_MUST_MATCH, FIDStats, ISStats, ReconStats,
                              RefStats, build_lpips, fid_against, is_split_ids, load_ref_stats, protocol_mismatches,
                              resolve_lpips_mode, to_uint8)
 
@@ -44,7 +44,7 @@ class Job:
     image_stats: bool = True  # FID statistics of the source images
     is_splits: int = 0  # > 0: Inception Score of the source images over that many splits (folders / .npz)
     tokenizer: Optional[str] = None  # rFID: reconstruct through this export, statistics of the reconstructions
-    lpips: str = "off"  # auto | vgg | random | off (trainer.metrics.LPIPS_MODES)
+    lpips: str = "off"  # auto | vgg | random | off (vitvq.evaluation.metrics.LPIPS_MODES)
     lpips_weights: Optional[str] = None  # torchvision vgg16-397923af.pth, else the torch hub cache
     save_recons: Optional[str] = None
 
@@ -83,7 +83,7 @@ class EvalWorker:
         self.job, self.acc, self.done = job, Partial(), False
         self.tok, self.lpips_net = None, None
         if job.tokenizer is not None:
-            from models.tokenizer import Tokenizer
+            from vitvq.models.tokenizer import Tokenizer
             self.tok = Tokenizer.load_export(job.tokenizer).to(self.device).eval()
             key = f"{job.lpips}:{job.lpips_weights}"
             if key not in self._lpips:  # built once per worker, like the extractor
@@ -99,7 +99,7 @@ class EvalWorker:
             return len(own)
         if job.is_splits:
             raise ValueError("Inception Score needs globally indexed samples: give a folder or an .npz")
-        from data import build_eval_loader  # webdataset stays out of processes that read folders only
+        from vitvq.data import build_eval_loader  # webdataset stays out of processes that read folders only
         if job.source.resolution is None:
             raise ValueError("shards need a resolution (the evaluation crop size)")
         loader = build_eval_loader(job.source.shards, image_size=job.source.resolution, batch_size=job.batch_size,
@@ -301,7 +301,7 @@ def evaluate_rfid(pool: WorkerPool, tokenizer: str, source: Source, ref: Optiona
                   save_recons: Optional[str] = None, step: Optional[int] = None, progress: bool = True) -> EvalResult:
     """rFID (reconstructions vs ``ref``, or vs the evaluated originals when no ``ref``), PSNR, SSIM, LPIPS,
     codebook usage and perplexity of ``tokenizer`` on ``source`` (cropped to the tokenizer's resolution)."""
-    from models.tokenizer import Tokenizer
+    from vitvq.models.tokenizer import Tokenizer
     t0 = time.time()
     tok = Tokenizer.load_export(tokenizer)  # in the driver: a bad path fails here, and gives resolution and step
     if source.resolution is None:
@@ -311,7 +311,7 @@ def evaluate_rfid(pool: WorkerPool, tokenizer: str, source: Source, ref: Optiona
     del tok
     lpips = resolve_lpips_mode(lpips, lpips_weights)  # decided once here, not differently on each machine
     if lpips == "vgg":
-        from models.perceptual import find_backbone_file
+        from vitvq.models.perceptual import find_backbone_file
         find_backbone_file("vgg", lpips_weights)  # a missing file fails before any worker starts
     ref_stats = load_ref_stats(ref) if isinstance(ref, (str, Path)) else ref
     job = Job(source, batch_size=batch_size, image_stats=ref_stats is None, tokenizer=str(tokenizer),

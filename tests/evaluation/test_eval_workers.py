@@ -17,10 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.eval_data import load_image
-from trainer.async_eval import AsyncEvaluator
-from trainer.eval_workers import Source, WorkerPool, compute_ref_stats, evaluate_gfid, evaluate_rfid
-from trainer.metrics import RefStats
+from vitvq.evaluation.data import load_image
+from vitvq.evaluation.async_eval import AsyncEvaluator
+from vitvq.evaluation.workers import Source, WorkerPool, compute_ref_stats, evaluate_gfid, evaluate_rfid
+from vitvq.evaluation.metrics import RefStats
 
 CPUS = 0.25
 
@@ -46,7 +46,7 @@ def pools(ray_cluster):
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory) -> str:
-    from models.tokenizer import Tokenizer, TokenizerConfig
+    from vitvq.models.tokenizer import Tokenizer, TokenizerConfig
     torch.manual_seed(0)
     tok = Tokenizer(TokenizerConfig.PRESETS["debug"])  # 32 px ViT, freshly initialised
     return str(tok.save_export(tmp_path_factory.mktemp("tok") / "tok.pt", {"step": 123}))
@@ -68,7 +68,7 @@ def test_one_two_three_workers_give_the_same_fid_and_is(cifar, pools):
 
 
 def test_rfid_with_two_workers_matches_in_process_and_hand(cifar, pools, export, tmp_path: Path):
-    from models.tokenizer import Tokenizer
+    from vitvq.models.tokenizer import Tokenizer
     src = Source(images=cifar("ship"), limit=40)
     recons = tmp_path / "recons"
     two = evaluate_rfid(pools[2], export, src, batch_size=16, lpips="random", save_recons=str(recons), progress=False)
@@ -96,9 +96,9 @@ def test_rfid_with_two_workers_matches_in_process_and_hand(cifar, pools, export,
 
 
 def test_shards_and_folder_give_the_same_statistics(cifar, pools, tmp_path: Path):
-    from data.shards import WriteOptions, write_shards
-    from data.sources import list_folder
-    from data.urls import index_path
+    from vitvq.data.shards import WriteOptions, write_shards
+    from vitvq.data.sources import list_folder
+    from vitvq.data.urls import index_path
     listing = list_folder(cifar("frog"))
     listing.items = listing.items[:96]  # the original JPEG bytes go into the shards unchanged (no resize)
     write_shards(listing, tmp_path, WriteOptions(name="frog", split="val", shard_size=32), progress=False)

@@ -4,7 +4,7 @@ and how an evaluation worker reads its slice of it.
 Folders and ``.npz`` files are addressed by global sample index (``IndexedData``), so workers can stride over them
 and the Inception Score splits stay the same for any number of workers; shards go through
 ``data.build_eval_loader`` (``shard_batches``). Resizing is the evaluation crop of the data pipeline: centered
-largest square, one antialiased bicubic resize (``data.transforms.load_crop``). Used by ``trainer.eval_workers``.
+largest square, one antialiased bicubic resize (``data.transforms.load_crop``). Used by ``vitvq.evaluation.workers``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.metrics import to_uint8
+from vitvq.evaluation.metrics import to_uint8
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -65,7 +65,7 @@ def load_image(path: Path, size: Optional[int]) -> np.ndarray:
     the same pixels."""
     if size is None:
         return np.asarray(Image.open(path).convert("RGB"))
-    from data.transforms import load_crop, square_box
+    from vitvq.data.transforms import load_crop, square_box
     return load_crop(path.read_bytes(), size, lambda w, h: square_box(w, h, None)).permute(1, 2, 0).numpy()
 
 

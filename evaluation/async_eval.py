@@ -1,7 +1,7 @@
 """Evaluation while training goes on: tokenizer exports handed to the worker pool, results polled back.
 
 The stage-1 trainer (rank 0) submits each checkpoint's export and logs the rFID when it arrives; see
-``trainer.eval_workers`` for the pool and the metrics, which are the same as ``launch/evaluate.py rfid``.
+``vitvq.evaluation.workers`` for the pool and the metrics, which are the same as ``launch/evaluate.py rfid``.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
-from models.inception import resolve_inception_weights
-from trainer.eval_data import Source
-from trainer.eval_workers import EvalResult, WorkerPool, compute_ref_stats, evaluate_rfid
-from trainer.metrics import RefStats, load_ref_stats
+from vitvq.evaluation.inception import resolve_inception_weights
+from vitvq.evaluation.data import Source
+from vitvq.evaluation.workers import EvalResult, WorkerPool, compute_ref_stats, evaluate_rfid
+from vitvq.evaluation.metrics import RefStats, load_ref_stats
 
 
 class AsyncEvaluator:
@@ -59,7 +59,7 @@ class AsyncEvaluator:
                 self._pool = WorkerPool(**self._pool_args)
             source = self.source
             if self._ref is None:  # rFID against the originals: their statistics once, for every checkpoint
-                from models.tokenizer import Tokenizer
+                from vitvq.models.tokenizer import Tokenizer
                 if source.resolution is None:
                     source = replace(source, resolution=Tokenizer.load_export(export_path).cfg.image_size)
                 stats, protocol = compute_ref_stats(self._pool, source, self.batch_size, progress=False)

@@ -170,7 +170,7 @@ LPIPS_MODES = {
 def resolve_lpips_mode(mode: str, weights: Optional[str] = None) -> str:
     """``auto`` -> ``vgg`` when the VGG16 backbone file is found (``weights`` or the torch hub cache), else ``off``:
     evaluation never downloads, and never silently reports a random-backbone LPIPS."""
-    from models.perceptual import MissingWeightsError, find_backbone_file
+    from vitvq.models.perceptual import MissingWeightsError, find_backbone_file
     if mode not in (*LPIPS_MODES, "auto"):
         raise ValueError(f"unknown LPIPS mode {mode!r}; choose auto, vgg, random or off")
     if mode != "auto":
@@ -184,7 +184,7 @@ def resolve_lpips_mode(mode: str, weights: Optional[str] = None) -> str:
 
 def build_lpips(mode: str = "auto", weights: Optional[str] = None) -> Optional[nn.Module]:
     """The LPIPS network (``forward(x, y) -> (B,)``, images in [-1, 1]) for ``mode``; None for ``off``."""
-    from models.perceptual import PerceptualLoss
+    from vitvq.models.perceptual import PerceptualLoss
     mode = resolve_lpips_mode(mode, weights)
     if mode == "off":
         return None

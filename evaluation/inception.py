@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.perceptual import file_sha256
+from vitvq.models.perceptual import file_sha256
 
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_FILE_PYTORCH_FID = "pt_inception-2015-12-05-6726825d.pth"  # the same bytes under pytorch-fid's name

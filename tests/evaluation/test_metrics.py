@@ -14,11 +14,11 @@ import pytest
 import scipy.linalg
 import torch
 
-from models.inception import (WEIGHTS_ENV, WEIGHTS_FILE, WEIGHTS_SHA256, WEIGHTS_SIZE, InceptionWeightsError,
+from vitvq.evaluation.inception import (WEIGHTS_ENV, WEIGHTS_FILE, WEIGHTS_SHA256, WEIGHTS_SIZE, InceptionWeightsError,
                               build_extractor, resolve_inception_weights)
-from trainer.eval_data import open_npz_array
-from trainer.eval_workers import Source, WorkerPool, compute_ref_stats, evaluate_gfid
-from trainer.metrics import (FIDStats, ISStats, ReconStats, RefStats, codebook_usage, fid_against, frechet_distance,
+from vitvq.evaluation.data import open_npz_array
+from vitvq.evaluation.workers import Source, WorkerPool, compute_ref_stats, evaluate_gfid
+from vitvq.evaluation.metrics import (FIDStats, ISStats, ReconStats, RefStats, codebook_usage, fid_against, frechet_distance,
                              is_split_ids, load_ref_stats, lpips_per_image, protocol_mismatches, psnr_per_image,
                              save_ref_stats, ssim_per_image)
 
@@ -146,7 +146,7 @@ def test_psnr_ssim_against_independent_implementations():
 
 def test_lpips_agrees_with_torchmetrics():
     from torchmetrics.functional.image.lpips import _LPIPS
-    from models.perceptual import PerceptualLoss
+    from vitvq.models.perceptual import PerceptualLoss
     with pytest.warns(UserWarning, match="RANDOM backbone"):
         ours = PerceptualLoss("vgg", pretrained_backbone=False)  # no VGG16 download here: same random trunk in both
     tm = _LPIPS(pretrained=True, net="vgg", pnet_rand=True).eval()

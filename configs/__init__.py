@@ -1,0 +1,10 @@
+"""Configuration: the typed-dataclass machinery every layer uses, and the recipes (YAML values) beside it.
+
+``vitvq.configs.schema`` turns YAML recipes and dotted ``key=value`` overrides into validated dataclasses;
+``models``, ``data``, ``trainer`` and ``launch`` all import it from here, so none reaches into another
+layer for it. The recipes themselves (``configs/stage1/*.yaml``) hold values only: no class paths, no code.
+"""
+
+from vitvq.configs.schema import ConfigError, check, field_docs, flatten, from_dict, load, to_dict, unflatten
+
+__all__ = ["ConfigError", "check", "field_docs", "flatten", "from_dict", "load", "to_dict", "unflatten"]
