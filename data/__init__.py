@@ -11,7 +11,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "DataConfig": "vitvq.data.config",
+    "DataConfig": "vitvq.data.config", "shard_spec": "vitvq.data.config",
     "TrainStream": "vitvq.data.stream", "EvalLoader": "vitvq.data.stream",
     "build_train_stream": "vitvq.data.stream", "build_eval_loader": "vitvq.data.stream",
     "ensure_demo_shards": "vitvq.data.builtin",

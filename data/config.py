@@ -62,4 +62,15 @@ class DataConfig:
         return max(1, self.num_workers)
 
 
-__all__ = ["DataConfig", "Transform", "PixelRange", "Mode"]
+def shard_spec(cfg: DataConfig, split: str) -> Optional[str]:
+    """The shard spec of ``split`` ("train" or "val"): as configured, or the built-in demo shards' index (written on
+    first use, which takes a file lock and checks every shard: callers resolve it once per run)."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+    if cfg.source == "demo":
+        from vitvq.data.builtin import ensure_demo_shards
+        return str(ensure_demo_shards(cfg.demo_root, cfg.image_size, split))
+    return cfg.train_shards if split == "train" else cfg.val_shards
+
+
+__all__ = ["shard_spec", "DataConfig", "Transform", "PixelRange", "Mode"]

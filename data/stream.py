@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vitvq.data.config import DataConfig
+from vitvq.data.config import DataConfig, shard_spec
 from vitvq.data.cursor import Cursor, range_pieces, read_raw
 from vitvq.data.transforms import image_bytes, label_of, load_crop, random_resized_box, square_box, to_float
 from vitvq.data.urls import ShardError, ShardList, resolve_shards
@@ -156,14 +156,12 @@ class TrainStream:
 
 
 def build_train_stream(cfg: DataConfig, *, batch_size: int, rank: int, world_size: int, seed: int,
-                       state: Optional[dict] = None, epoch: int = 0) -> TrainStream:
-    """The training stream of ``rank`` of ``world_size``; refuses unusable shard lists before training."""
+                       state: Optional[dict] = None, epoch: int = 0, shards: Optional[str] = None) -> TrainStream:
+    """The training stream of ``rank`` of ``world_size``; refuses unusable shard lists before training.
+    ``shards`` is the resolved spec (``shard_spec(cfg, "train")``, the default) for callers that hold it already."""
     if not 0 <= rank < world_size or batch_size < 1:
         raise ValueError(f"need 0 <= rank < world_size and batch_size >= 1 (got {rank}, {world_size}, {batch_size})")
-    spec = cfg.train_shards
-    if cfg.source == "demo":
-        from vitvq.data.builtin import ensure_demo_shards
-        spec = str(ensure_demo_shards(cfg.demo_root, cfg.image_size))
+    spec = shards if shards is not None else shard_spec(cfg, "train")
     shards = resolve_shards(spec, cfg.index, what="data.train_shards")
     slots = world_size * cfg.streams
     if shards.total == 0:

@@ -2,7 +2,7 @@
 
     python launch/export_tokenizer.py --run-dir runs/demo --out tokenizer.pt [--tag step_00001000]
 
-The file loads without DeepSpeed: ``models.tokenizer.Tokenizer.load_export("tokenizer.pt")``.
+The file loads without DeepSpeed: ``vitvq.models.tokenizer.Tokenizer.load_export("tokenizer.pt")``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 
-from vitvq.trainer.export import export_tokenizer
+from vitvq.trainer.export import export_checkpoint
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--out", required=True, help="output file")
     p.add_argument("--tag", default=None, help="checkpoint folder name (default: latest complete)")
     args = p.parse_args(argv)
-    path = export_tokenizer(args.run_dir, args.out, args.tag)
+    path = export_checkpoint(args.run_dir, args.out, args.tag)
     print(f"wrote {path}")
     return path
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 from vitvq.trainer.cli import parse_config, print_summary
+from vitvq.trainer.config import Stage1Config
 from vitvq.trainer.trainer import train
 
 
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100")
     args, unknown = parser.parse_known_args(argv)
-    cfg = parse_config(args.config, args.overrides + unknown)
+    cfg = parse_config(Stage1Config, args.config, args.overrides + unknown)
     result = train(cfg)
     print_summary(result)
     return result

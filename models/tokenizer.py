@@ -151,10 +151,6 @@ class Tokenizer(nn.Module):
         """Weight of the decoder's final layer, for taming's adaptive GAN weight."""
         return self.decoder.last_layer
 
-    def blocks(self) -> list[nn.Module]:
-        """Transformer blocks of encoder and decoder, for activation checkpointing applied by the trainer."""
-        return [*self.encoder.blocks, *self.decoder.blocks]
-
     def set_all_reduce(self, fn: Callable[[torch.Tensor], Any], *, rank: int = 0, world_size: int = 1) -> None:
         """Inject the sum-over-ranks collective used for codebook statistics and restarts (no-op by default)."""
         self.quantizer.set_all_reduce(fn, rank=rank, world_size=world_size)

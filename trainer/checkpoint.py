@@ -70,10 +70,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, out_dir: str | Path, dist: DistInfo, keep_last: int):
+    """The checkpoints of one run. Without ``dist`` it only reads (exports, tools); saving needs the process group."""
+
+    def __init__(self, out_dir: str | Path, dist: Optional[DistInfo] = None, keep_last: int = 1):
         self.root = Path(out_dir) / "checkpoints"
         self.dist, self.keep_last = dist, keep_last
-        self.root.mkdir(parents=True, exist_ok=True)
+        if dist is not None:
+            self.root.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
     def tag(step: int) -> str:
@@ -89,6 +92,21 @@ class CheckpointManager:
         if not meta_file.is_file():
             raise RuntimeError(f"{pointer} names {tag}, which has no meta.json: the checkpoint folder was altered "
                                f"by hand; point {pointer} at a complete step_* folder or delete it to start over")
+        return tag, json.loads(meta_file.read_text())
+
+    def complete(self, tag: Optional[str] = None) -> tuple[str, dict[str, Any]]:
+        """(tag, meta) of checkpoint ``tag``, or of the latest when None; refuses one that is missing or partial."""
+        if tag is None:
+            found = self.latest()
+            if found is None:
+                raise FileNotFoundError(f"no complete checkpoint in {self.root} (no 'latest' file): train first, "
+                                        f"or name a checkpoint folder")
+            return found
+        meta_file = self.root / tag / "meta.json"
+        if not meta_file.is_file():
+            done = sorted(p.name for p in self.root.glob("step_*") if (p / "meta.json").is_file())
+            raise FileNotFoundError(f"{self.root / tag} is not a complete checkpoint (no meta.json); complete ones: "
+                                    f"{done or 'none'}")
         return tag, json.loads(meta_file.read_text())
 
     def save(self, step: int, engines: dict[str, Any], client_state: dict[str, Any], rank_state: dict[str, Any],

@@ -1,8 +1,9 @@
-"""The stage-1 job schema: model, discriminator, loss, optimizers, data and trainer sections.
+"""Job schemas: the sections every stage shares (``train``, optimizer) and the stage-1 job.
 
-Recipes under ``configs/stage1/`` are YAML files holding values for these dataclasses; the command line
+Recipes under ``configs/<stage>/`` are YAML files holding values for these dataclasses; the command line
 adds dotted overrides (``train.steps=100 model.encoder=base``). Everything is validated once, in
-:func:`load_stage1_config`, and a bad value is refused there with the field's dotted name.
+:func:`load_job_config`, and a bad value is refused there with the field's dotted name. A job config names its
+stage (``stage: ClassVar[str]``), which is how ``trainer.task.STAGES`` finds its task.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional, TypeVar
 
 from vitvq.data.config import DataConfig
 from vitvq.configs import check, flatten, from_dict, load, to_dict
@@ -52,11 +53,11 @@ class TrainConfig:
     out_dir: str = "runs/stage1"
     """Output folder: checkpoints, exports, pictures. A run resumes from the latest checkpoint found here."""
     steps: int = 500_000
-    """Optimizer steps (one generator and, once active, one discriminator update each)."""
+    """Optimizer steps (an update of every engine of the task: stage 1 updates the discriminator once it is active)."""
     global_batch_size: int = 256
-    """Images per optimizer step over all ranks; accumulation = global / (micro x world size)."""
+    """Samples per optimizer step over all ranks; accumulation = global / (micro x world size)."""
     micro_batch_size: int = 8
-    """Images per rank per forward/backward."""
+    """Samples per rank per forward/backward."""
     precision: Literal["bf16", "fp32"] = "bf16"
     """bf16 mixed precision (DeepSpeed bf16 with fp32 master weights and fp32 grad accumulation) or fp32."""
     zero_stage: Literal[0, 1, 2] = 2
@@ -76,7 +77,7 @@ class TrainConfig:
     val_batches: int = 8
     """Micro-batches per rank in one validation pass."""
     image_every: int = 1000
-    """Steps between reconstruction grids (PNG in out_dir, image in MLflow)."""
+    """Steps between the task's pictures (stage 1: reconstruction grids; PNG in out_dir, image in MLflow)."""
     max_nonfinite: int = 5
     """Consecutive non-finite losses (each skips its step) after which the run stops."""
     experiment: str = "vitvq-stage1"
@@ -98,6 +99,10 @@ class TrainConfig:
         check(self.val_batches > 0, "val_batches", self.val_batches, "must be positive")
         check(self.global_batch_size % self.micro_batch_size == 0, "global_batch_size", self.global_batch_size,
               f"must be a multiple of micro_batch_size={self.micro_batch_size}")
+        # DeepSpeed 0.19.8 refuses bf16 weights with fp32 gradient accumulation at stage 0 ("unsupported mix of
+        # model_dtype and grad_accum_dtype"), and bf16 accumulation would lose the small gradients.
+        check(self.precision == "fp32" or self.zero_stage >= 1, "precision", self.precision,
+              "bf16 needs zero_stage 1 or 2 (fp32 master weights and gradient accumulation); set train.zero_stage=1")
 
     def accumulation(self, world_size: int) -> int:
         """Micro-steps per optimizer step that keep the global batch at this world size."""
@@ -132,6 +137,8 @@ class EvalConfig:
 
 @dataclass
 class Stage1Config:
+    stage: ClassVar[str] = "stage1"
+
     model: TokenizerConfig = field(default_factory=TokenizerConfig)
     """The tokenizer (encoder, quantizer, decoder)."""
     disc: DiscConfig = field(default_factory=DiscConfig)
@@ -160,12 +167,19 @@ class Stage1Config:
               self.loss.logit_laplace_weight, f"needs model.output=logit_laplace (it is {self.model.output!r}); set 0")
 
 
-def load_stage1_config(path: str | Path | None, overrides: list[str] | None = None) -> Stage1Config:
-    """Load a recipe plus ``key=value`` overrides; the recipe name defaults to the file's stem."""
+C = TypeVar("C")
+
+
+def load_job_config(cls: type[C], path: str | Path | None, overrides: list[str] | None = None) -> C:
+    """Load a recipe of job schema ``cls`` plus ``key=value`` overrides; the recipe name defaults to the file's stem."""
     overrides = list(overrides or [])
     if path is not None and not any(o.startswith("recipe=") for o in overrides):
         overrides.insert(0, f"recipe={Path(path).stem}")
-    return load(Stage1Config, path, overrides)
+    return load(cls, path, overrides)
+
+
+def load_stage1_config(path: str | Path | None, overrides: list[str] | None = None) -> Stage1Config:
+    return load_job_config(Stage1Config, path, overrides)
 
 
 def config_hash(cfg: object) -> str:
@@ -179,5 +193,5 @@ def stage1_from_flat(flat: dict) -> Stage1Config:
     return from_dict(Stage1Config, unflatten(flat))
 
 
-__all__ = ["OptimConfig", "TrainConfig", "EvalConfig", "Stage1Config", "load_stage1_config", "config_hash", "flatten",
+__all__ = ["OptimConfig", "TrainConfig", "EvalConfig", "Stage1Config", "load_job_config", "load_stage1_config", "config_hash", "flatten",
            "stage1_from_flat"]

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from deepspeed.checkpoint import UNIVERSAL_CHECKPOINT_INFO
 
 from vitvq.trainer.config import OptimConfig, TrainConfig
+from vitvq.trainer.parallelize import compute_dtype
 
 
 @dataclass(frozen=True)
@@ -88,10 +89,9 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def deepspeed_config(optim: OptimConfig, train: TrainConfig, world_size: int, load_universal: bool = False) -> dict:
-    """The DeepSpeed JSON config, built in one place from our typed config."""
-    accum = train.accumulation(world_size)
-    bf16 = train.precision == "bf16"
+def deepspeed_config(optim: OptimConfig, train: TrainConfig, accum: int, load_universal: bool = False) -> dict:
+    """The DeepSpeed JSON config, built in one place from our typed config and the Trainer's accumulation."""
+    bf16 = compute_dtype(train) == torch.bfloat16
     cfg: dict[str, Any] = {
         "train_batch_size": train.global_batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
@@ -109,9 +109,9 @@ def deepspeed_config(optim: OptimConfig, train: TrainConfig, world_size: int, lo
     return cfg
 
 
-def build_engine(module: torch.nn.Module, optim: OptimConfig, train: TrainConfig, world_size: int,
+def build_engine(module: torch.nn.Module, optim: OptimConfig, train: TrainConfig, accum: int, schedule_steps: int,
                  load_universal: bool = False) -> Any:
-    """One DeepSpeed engine with its own AdamW and warm-up + cosine schedule."""
+    """One DeepSpeed engine with its own AdamW and a warm-up + cosine schedule over ``schedule_steps`` steps."""
     params = [p for p in module.parameters() if p.requires_grad]
     # Biases, norms and codebooks carry no weight decay (1-d or lookup tables would be shrunk towards zero).
     decays = [p.ndim >= 2 and not getattr(p, "_no_weight_decay", False) for p in params]
@@ -120,9 +120,9 @@ def build_engine(module: torch.nn.Module, optim: OptimConfig, train: TrainConfig
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=optim.betas, eps=optim.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_cosine(s, optim.warmup_steps, train.steps, optim.min_lr_ratio))
+        opt, lambda s: warmup_cosine(s, optim.warmup_steps, schedule_steps, optim.min_lr_ratio))
     engine, *_ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched,
-                                      config=deepspeed_config(optim, train, world_size, load_universal))
+                                      config=deepspeed_config(optim, train, accum, load_universal))
     return engine
 
 
@@ -155,10 +155,40 @@ def convert_to_universal(ckpt_dir: Path, tag: str) -> str:
     return out_tag
 
 
-def consolidated_fp32_state(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    """fp32 weights of a (possibly ZeRO-partitioned) engine checkpoint, merged on the CPU without a process group."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+def engine_fp32_state(ckpt_dir: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The complete state dict (every parameter and buffer) of engine ``tag`` in checkpoint ``ckpt_dir``, with
+    parameters at their fp32 master values, merged on the CPU without a process group.
+
+    Where the fp32 values are depends on the optimizer DeepSpeed chose, so each case reads its own files:
+    - ZeRO 0 (fp32 only: ``train.precision`` refuses bf16 at stage 0): the module weights are the fp32 weights;
+    - bf16 at ZeRO 1 (DeepSpeed's ``BF16_Optimizer``, files ``bf16_zero_pp_rank_*``): ``zero_to_fp32`` does not
+      read them, so the checkpoint is converted to universal format, which holds every parameter's fp32 value;
+    - otherwise ZeRO 1/2: ``zero_to_fp32`` merges the fp32 partitions. ZeRO 1 leaves out frozen parameters;
+      those, and anything else it leaves out, are taken from the module file only if DeepSpeed lists them as
+      frozen parameters or buffers (their value there is exact), else this refuses.
+    """
+    files = sorted((ckpt_dir / tag).glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"{ckpt_dir / tag} holds no DeepSpeed model states (mp_rank_*_model_states.pt)")
+    model_states = torch.load(files[0], map_location="cpu", weights_only=False)
+    module = model_states["module"]
+    if zero_stage == 0:
+        return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+    if any((ckpt_dir / tag).glob("bf16_zero_pp_rank_*_optim_states.pt")):
+        zero = ckpt_dir / convert_to_universal(ckpt_dir, tag) / "zero"
+        fp32 = {k: torch.load(zero / k / "fp32.pt", map_location="cpu", weights_only=False)["param"]
+                for k in module if (zero / k / "fp32.pt").is_file()}
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        fp32 = dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag))
+    exact_in_module = set(model_states.get("buffer_names") or []) | set(model_states.get("frozen_param_shapes") or {})
+    unknown = sorted(set(fp32) - set(module))
+    lacking = sorted(k for k in module if k not in fp32 and k not in exact_in_module)
+    if unknown or lacking:
+        raise RuntimeError(f"checkpoint {ckpt_dir / tag}: DeepSpeed's fp32 state does not match the module "
+                           f"(unknown keys {unknown}, trainable parameters without an fp32 value {lacking})")
+    out = {k: fp32[k] if k in fp32 else module[k] for k in module}  # the module's key order
+    return {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
 
 
 def grad_norm(engine: Any) -> float:

@@ -1,4 +1,5 @@
-"""Stage 1 as a task for the Trainer: the tokenizer GAN step on two DeepSpeed engines, validation, pictures.
+"""Stage 1 as a task for the Trainer: the tokenizer GAN step on two DeepSpeed engines, its data, validation,
+reconstruction grids, the tokenizer export and rFID while training goes on (``trainer/task.py`` has the protocol).
 
 The rules below are the ones verified against a plain-PyTorch reference (../shared/REFERENCE.md):
 - every forward goes through ``engine.module``: calling the engine itself hooks its outputs, and the
@@ -11,26 +12,23 @@ whole micro-batch on every rank at once (no rank may skip a collective alone).
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
+from vitvq.data import build_eval_loader, build_train_stream, index_checksum, shard_spec
 from vitvq.models.discriminators import build_discriminator
 from vitvq.models.losses import Stage1Loss
 from vitvq.models.tokenizer import Tokenizer
 from vitvq.trainer.config import OptimConfig, Stage1Config
-from vitvq.trainer.engine import DistInfo, all_reduce_sum, any_rank
-
-
-def apply_activation_checkpointing(blocks: list[nn.Module]) -> None:
-    """Recompute each block in backward; wraps ``forward`` in place so state-dict keys do not change."""
-    for block in blocks:
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+from vitvq.trainer.engine import DistInfo, all_reduce_sum, any_rank, grad_norm
+from vitvq.trainer.parallelize import compute_dtype
+from vitvq.trainer.task import Every, Evaluator, Stream
 
 
 class Stage1Task:
@@ -38,23 +36,30 @@ class Stage1Task:
 
     name = "stage1"
     engine_names = ("generator", "discriminator")
+    export_engine = "generator"
+    export_file = "tokenizer.pt"
+    progress = {"loss": "train/total_loss", "img_s": "perf/images_per_s"}
+    throughput = ("perf/images_per_s", 1.0)
 
     def __init__(self, cfg: Stage1Config, dist: DistInfo):
         self.cfg, self.dist = cfg, dist
-        self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        self.dtype = compute_dtype(cfg.train)
         self.loss = Stage1Loss(cfg.loss, cfg.model.output).to(dist.device)
         self.engines: dict[str, Any] = {}
+        self._shards: dict[str, Optional[str]] = {}
+        self._picture_batch: Optional[torch.Tensor] = None
 
     # -- construction -------------------------------------------------------------------------
     def build_modules(self) -> dict[str, nn.Module]:
         tok = Tokenizer(self.cfg.model)
-        if self.cfg.train.activation_checkpointing:
-            apply_activation_checkpointing(tok.blocks())
         disc = build_discriminator(self.cfg.disc, self.cfg.model.image_size, self.cfg.model.in_channels)
         return {"generator": tok, "discriminator": disc}
 
     def optim_config(self, name: str) -> OptimConfig:
         return self.cfg.optim_g if name == "generator" else self.cfg.optim_d
+
+    def schedule_steps(self, name: str) -> int:
+        return self.cfg.train.steps
 
     def attach(self, engines: dict[str, Any]) -> None:
         self.engines = engines
@@ -72,6 +77,21 @@ class Stage1Task:
     def _disc_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
         disc = self.disc
         return lambda img: disc(img.to(self.dtype)).float()
+
+    # -- data -----------------------------------------------------------------------------------
+    def shards(self, split: str) -> Optional[str]:
+        """The shard spec of ``split``, resolved once per run (the built-in demo shards are written on first use)."""
+        if split not in self._shards:
+            self._shards[split] = shard_spec(self.cfg.data, split)
+        return self._shards[split]
+
+    def train_stream(self, state: Optional[dict[str, Any]]) -> Stream:
+        return build_train_stream(self.cfg.data, shards=self.shards("train"), batch_size=self.cfg.train.micro_batch_size,
+                                  rank=self.dist.rank, world_size=self.dist.world_size, seed=self.cfg.train.seed,
+                                  state=state)
+
+    def tags(self) -> dict[str, str]:
+        return {"dataset_index_sha256": index_checksum(self.shards("train"), self.cfg.data.index) or "none"}
 
     def state_dict(self) -> dict:
         return {"loss": self.loss.state_dict()}  # LeCam EMAs live in the loss module
@@ -113,10 +133,25 @@ class Stage1Task:
         return {k: v.detach().float().reshape(()) if v.numel() == 1 else v.detach().float().mean()
                 for k, v in metrics.items()}
 
-    # -- validation and pictures --------------------------------------------------------------
+    def engine_metrics(self) -> dict[str, float]:
+        g, d = self.engines["generator"], self.engines["discriminator"]
+        return {"train/lr": g.get_lr()[0], "train/grad_norm_g": grad_norm(g), "train/grad_norm_d": grad_norm(d)}
+
+    # -- validation, pictures, evaluation, export -----------------------------------------------
+    @property
+    def has_validation(self) -> bool:
+        return bool(self.shards("val"))
+
+    def _val_loader(self, batch_size: int, rank: int, world_size: int) -> Any:
+        d = self.cfg.data
+        return build_eval_loader(self.shards("val"), image_size=d.image_size, batch_size=batch_size, rank=rank,
+                                 world_size=world_size, num_workers=0, pixel_range=d.pixel_range)
+
     @torch.no_grad()
-    def validate(self, loader: Any, max_batches: int) -> dict[str, float]:
+    def validate(self) -> dict[str, float]:
         """L1 and PSNR on [0, 1] pixels, LPIPS, and codebook usage over the held-out set; sums all-reduced."""
+        loader = self._val_loader(self.cfg.train.micro_batch_size, self.dist.rank, self.dist.world_size)
+        max_batches = self.cfg.train.val_batches
         gen = self.gen
         was_training = gen.training
         gen.eval()
@@ -145,6 +180,22 @@ class Stage1Task:
         return {"val/l1": sums[1].item() / n, "val/psnr": sums[2].item() / n, "val/lpips": sums[3].item() / n,
                 "val/codebook_usage": (hist > 0).double().mean().item(), "val/images": sums[0].item()}
 
+    def picture_batch(self) -> torch.Tensor:
+        """The same 8 images for every grid of a run: the first validation images, else the first training
+        images of a stream of its own (never a batch taken from the training stream, which would shift it)."""
+        if self._picture_batch is None:
+            if self.has_validation:
+                batch = next(iter(self._val_loader(8, 0, 1)))
+            else:
+                stream = build_train_stream(replace(self.cfg.data, num_workers=0), shards=self.shards("train"),
+                                            batch_size=8, rank=0, world_size=1, seed=self.cfg.train.seed)
+                batch = next(iter(stream))
+            self._picture_batch = batch["image"]
+        return self._picture_batch
+
+    def pictures(self) -> dict[str, np.ndarray]:
+        return {"reconstructions": self.reconstruction_grid(self.picture_batch())}
+
     @torch.no_grad()
     def reconstruction_grid(self, x: torch.Tensor, n: int = 8) -> np.ndarray:
         """Originals (top row) above reconstructions (bottom row), uint8 (H, W, 3)."""
@@ -160,3 +211,43 @@ class Stage1Task:
         if grid.shape[-1] < 256:  # tiny debug images: upscale so the picture is readable
             grid = F.interpolate(grid[None], scale_factor=256 // grid.shape[-1] + 1, mode="nearest")[0]
         return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+    def evaluator(self, export: Callable[[Optional[str], Path], Path]) -> Optional[Evaluator]:
+        return RFIDEvaluator(self.cfg, self.shards("val"), export) if self.cfg.eval.every else None
+
+    @classmethod
+    def write_export(cls, cfg: Stage1Config, state: dict[str, torch.Tensor], dest: Path, extra: dict[str, Any]) -> Path:
+        tok = Tokenizer(cfg.model)
+        tok.load_state_dict(state, strict=True)
+        return tok.save_export(dest, extra)
+
+    def summary(self, metrics: dict[str, float]) -> list[tuple[str, str]]:
+        lines = [(k, f"{metrics[k]:.4f}") for k in ("train/total_loss", "val/psnr", "val/lpips", "val/codebook_usage")
+                 if k in metrics]
+        return lines + [("reconstructions", str(Path(self.cfg.train.out_dir) / "reconstructions.png")),
+                        ("tokenizer export", str(Path(self.cfg.train.out_dir) / self.export_file))]
+
+
+class RFIDEvaluator:
+    """rFID of checkpoints on the validation shards, by Ray workers while training goes on (``eval.every``).
+
+    Each due checkpoint is exported (``out_dir/exports/tokenizer_stepNNNNNNNN.pt``) and handed to
+    ``vitvq.evaluation.async_eval.AsyncEvaluator``; results come back through ``poll``."""
+
+    def __init__(self, cfg: Stage1Config, val_shards: Optional[str], export: Callable[[Optional[str], Path], Path]):
+        from vitvq.evaluation.async_eval import AsyncEvaluator, Source
+        e = cfg.eval
+        self.due, self.export = Every(e.every, cfg.train.steps), export
+        self.folder = Path(cfg.train.out_dir) / "exports"
+        self.inner = AsyncEvaluator(Source(shards=val_shards, resolution=cfg.data.image_size), ref=e.ref,
+                                    workers=e.workers, extractor=e.extractor, inception_weights=e.inception_weights,
+                                    batch_size=e.batch_size, lpips=e.lpips)
+
+    def submit(self, step: int, tag: str) -> None:
+        self.inner.submit(self.export(tag, self.folder / f"tokenizer_step{step:08d}.pt"), step)
+
+    def poll(self) -> list[Any]:
+        return self.inner.poll()
+
+    def close(self) -> list[Any]:
+        return self.inner.close()

@@ -34,10 +34,10 @@ def main() -> None:
     torch.manual_seed(cfg.train.seed)
     task = Stage1Task(cfg, dist)
     modules = task.build_modules()
-    engines = {n: build_engine(modules[n], task.optim_config(n), cfg.train, dist.world_size)
+    accum = cfg.train.accumulation(dist.world_size)
+    engines = {n: build_engine(modules[n], task.optim_config(n), cfg.train, accum, task.schedule_steps(n))
                for n in task.engine_names}
     task.attach(engines)
-    accum = cfg.train.accumulation(dist.world_size)
     mb = cfg.train.micro_batch_size
     for step in range(args.steps):
         x = global_batch(step, cfg.train.global_batch_size, cfg.model.image_size)

@@ -12,7 +12,7 @@ from vitvq.models.discriminators import build_discriminator
 from vitvq.models.losses import Stage1Loss
 from vitvq.models.tokenizer import Tokenizer
 from vitvq.trainer.config import load_stage1_config
-from vitvq.trainer.stage1 import apply_activation_checkpointing
+from vitvq.trainer.parallelize import apply_ac, checkpointable_blocks
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,9 +36,9 @@ def test_checkpointed_blocks_give_the_same_gradients(model: str) -> None:
     torch.manual_seed(0)
     plain = Tokenizer(cfg.model)
     ckpt = copy.deepcopy(plain)
-    blocks = ckpt.blocks()
+    blocks = checkpointable_blocks(ckpt)
     assert blocks, "nothing to checkpoint"
-    apply_activation_checkpointing(blocks)
+    apply_ac(blocks)
     disc = build_discriminator(cfg.disc, cfg.model.image_size, 3)
     loss = Stage1Loss(cfg.loss, cfg.model.output)
     x = torch.rand(2, 3, cfg.model.image_size, cfg.model.image_size, generator=torch.Generator().manual_seed(1)) * 2 - 1

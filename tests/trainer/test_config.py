@@ -75,6 +75,14 @@ def test_bad_values_are_refused_at_load_naming_the_field(override: str, field: s
     assert field in str(err.value) and err.value.hint
 
 
+def test_bf16_at_zero_stage_0_is_refused_at_load() -> None:
+    # DeepSpeed 0.19.8 raises "unsupported mix of model_dtype and grad_accum_dtype" only when the engine is built.
+    with pytest.raises(ConfigError) as err:
+        load_stage1_config(DEBUG, ["train.precision=bf16", "train.zero_stage=0"])
+    assert err.value.field == "train.precision" and "zero_stage" in err.value.hint
+    assert load_stage1_config(DEBUG, ["train.precision=bf16", "train.zero_stage=1"]).train.zero_stage == 1
+
+
 def test_a_bad_value_in_a_yaml_file_names_the_field(tmp_path: Path) -> None:
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(DEBUG.read_text() + "\neval:\n  workers: 0\n")
@@ -85,10 +93,10 @@ def test_a_bad_value_in_a_yaml_file_names_the_field(tmp_path: Path) -> None:
 def test_the_launcher_exits_with_the_field_name_not_a_traceback(capsys) -> None:
     from vitvq.trainer.cli import parse_config
     with pytest.raises(SystemExit) as exc:
-        parse_config(str(DEBUG), ["train.micro_batch_size=0"])
+        parse_config(Stage1Config, str(DEBUG), ["train.micro_batch_size=0"])
     assert "train.micro_batch_size" in str(exc.value.code)
     with pytest.raises(SystemExit) as exc:
-        parse_config(str(DEBUG), ["steps"])
+        parse_config(Stage1Config, str(DEBUG), ["steps"])
     assert "key=value" in str(exc.value.code)
 
 
