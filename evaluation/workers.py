@@ -2,8 +2,8 @@
 
 Each worker loads the feature extractor once, takes its slice of the data (``vitvq.evaluation.data``: index striding
 over a folder or an ``.npz``, ``rank/world_size`` over shards), accumulates the sums of ``vitvq.evaluation.metrics`` and
-hands them back; the driver adds them up, so FID/IS are the same for any number of workers. The driver polls the
-workers for their progress, which drives one tqdm bar over all of them.
+hands them back; the driver adds them up, so FID/IS are the same for any number of workers. ``WorkerPool`` is an
+``evaluation.pool.ActorPool`` of these workers (the pool itself knows nothing of Inception).
 
     pool = WorkerPool(workers=2, extractor="inception", weights=None)   # Ray local cluster unless address=...
     res = evaluate_gfid(pool, Source(npz="samples.npz"), ref="VIRTUAL_imagenet256_labeled.npz")
@@ -16,8 +16,6 @@ pool for training.
 from __future__ import annotations
 
 import re
-import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -27,9 +25,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from vitvq.evaluation.inception import build_extractor, resolve_inception_weights
+from vitvq.evaluation.pool import ActorPool
 from vitvq.evaluation.data import IndexedData, Source, shard_batches  # Source re-exported: the API takes it
 from vitvq.evaluation.metrics import (LPIPS_MODES, NETWORK_KEYS, PROTOCOL_KEYS_MUST_MATCH, FIDStats, ISStats, ReconStats,
                              RefStats, build_lpips, fid_against, is_split_ids, load_ref_stats, protocol_mismatches,
@@ -156,8 +154,9 @@ def _save_pngs(imgs: torch.Tensor, ids: list, out: str) -> None:
 
 
 # -- the pool ----------------------------------------------------------------------------------------------
-class WorkerPool:
-    """``workers`` Ray actors (a local cluster, or the one at ``address``), or one in-process worker (0).
+class WorkerPool(ActorPool):
+    """``workers`` evaluation actors (``EvalWorker``; a local Ray cluster, or the one at ``address``), or one
+    in-process worker (0). ``protocol`` is how they measure (network, weights, resize).
 
     The Inception weights are resolved and verified here, in the driver, so that a missing file fails before any
     actor starts, with the message that says where to put it.
@@ -168,79 +167,15 @@ class WorkerPool:
                  gpus_per_worker: float = 0, startup_timeout: float = 600):
         if extractor == "inception":
             weights = str(resolve_inception_weights(weights))
-        self.workers, self._ray, self._owns_ray, self._tmp = workers, None, False, None
-        threads = max(1, int(cpus_per_worker))
-        if workers == 0:
-            self.handles: list[Any] = [EvalWorker(extractor, weights, device, 0)]
-        else:
-            import ray
-            self._ray = ray
-            if not ray.is_initialized():
-                if address:
-                    ray.init(address=address)
-                else:  # a short temp dir: Ray's socket paths must stay under 107 characters
-                    self._tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-                    ray.init(num_cpus=max(1, int(np.ceil(workers * cpus_per_worker))), include_dashboard=False,
-                             _temp_dir=self._tmp)
-                self._owns_ray = True
-            actor = ray.remote(EvalWorker).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)
-            self.handles = [actor.remote(extractor, weights, device, threads) for _ in range(workers)]
-        self.protocol: dict[str, Any] = self._started(startup_timeout)
+        threads = max(1, int(cpus_per_worker)) if workers else 0
+        super().__init__(EvalWorker, (extractor, weights, device, threads), workers=workers, address=address,
+                         cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                         startup_timeout=startup_timeout, ready="protocol", what="evaluation")
+        self.protocol: dict[str, Any] = self.ready_value
 
-    def _started(self, timeout: float) -> dict[str, Any]:
-        """Wait for every worker to be up (extractor loaded); the protocol they measure with."""
-        refs = [self._call(h, "protocol") for h in self.handles]
-        if self._ray is None:
-            return refs[0]
-        ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=timeout)
-        if len(ready) < len(refs):  # actors left pending: the cluster lacks the CPUs/GPUs they ask for
-            free = self._ray.available_resources()
-            self.close()
-            raise RuntimeError(f"only {len(ready)} of {len(refs)} evaluation actors started within {timeout:.0f} s; "
-                               f"each asks for cpus_per_worker/gpus_per_worker, and the cluster has {free} free")
-        return self._ray.get(refs[0])
-
-    def _call(self, handle: Any, method: str, *args: Any) -> Any:
-        fn = getattr(handle, method)
-        return fn.remote(*args) if self._ray is not None else fn(*args)  # a Ray future, or the value itself
-
-    def _get(self, ref: Any) -> Any:
-        return self._ray.get(ref) if self._ray is not None else ref
-
-    def run(self, job: Job, desc: str = "eval", progress: bool = True) -> Partial:
+    def run(self, job: Job, desc: str = "eval", progress: bool = True) -> Partial:  # type: ignore[override]
         """Run ``job`` over all workers; merged statistics in worker order."""
-        world = len(self.handles)
-        starts = [self._call(h, "start", job, r, world) for r, h in enumerate(self.handles)]  # all at once
-        counts = [self._get(ref) for ref in starts]
-        bar = tqdm(total=sum(counts), desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
-        pending = {i: self._call(h, "step", 2) for i, h in enumerate(self.handles)}
-        while pending:
-            if self._ray is not None:  # whichever worker reports first; the others keep working meanwhile
-                ready, _ = self._ray.wait(list(pending.values()), num_returns=1)
-                i = next(k for k, v in pending.items() if v == ready[0])
-            else:
-                i = next(iter(pending))
-            n, finished = self._get(pending.pop(i))
-            bar.update(n)
-            if not finished:
-                pending[i] = self._call(self.handles[i], "step", 2)
-        bar.close()
-        parts = [self._get(self._call(h, "result")) for h in self.handles]
-        out = Partial()
-        for p in parts:
-            out = out + p
-        return out
-
-    def close(self) -> None:
-        if self._ray is not None:
-            for h in self.handles:
-                self._ray.kill(h)
-            if self._owns_ray:
-                self._ray.shutdown()  # disconnects, and stops the local cluster we started (never `ray stop`)
-                if self._tmp:
-                    shutil.rmtree(self._tmp, ignore_errors=True)
-            self._ray = None
-        self.handles = []
+        return super().run(job, desc=desc, progress=progress, unit="img")
 
 
 # -- the three evaluations ---------------------------------------------------------------------------------

@@ -1,0 +1,111 @@
+"""A pool of Ray actors that each hold a model loaded once and run bulk jobs over slices of a dataset.
+
+Evaluation (``evaluation/workers.py``: Inception statistics, rFID) uses it, and so can any other bulk job that
+reads a dataset once (encoding images to tokens, sampling). A worker class implements three methods:
+
+    start(job, rank, world_size) -> int        # take slice ``rank`` of ``world_size``; its number of items
+    step(max_batches) -> (items done, finished)
+    result() -> partial                        # partials merge with ``+``, so the total is the same for any N
+
+The driver starts every worker at once, polls whichever reports first (one tqdm bar with rate and ETA over
+all of them) and adds the partials up in worker order.
+
+Written here rather than with ``ray.util.ActorPool``: that maps independent tasks over actors, while these jobs
+keep per-worker state (a slice, running sums) across many small calls so the driver can show progress, and
+``workers=0`` runs the very same code in this process without Ray (tests, debugging, one GPU).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from typing import Any, Optional
+
+import numpy as np
+from tqdm import tqdm
+
+
+class ActorPool:
+    """``workers`` Ray actors of ``worker_cls(*args)`` (a local cluster, or the one at ``address``), or one
+    in-process instance (``workers=0``). ``ready`` names a method every worker answers once it is up; the first
+    answer is kept as ``self.ready_value``."""
+
+    def __init__(self, worker_cls: type, args: tuple = (), workers: int = 1, address: Optional[str] = None,
+                 cpus_per_worker: float = 1, gpus_per_worker: float = 0, startup_timeout: float = 600,
+                 ready: str = "ready", what: str = "worker"):
+        self.workers, self.what, self._ray, self._owns_ray, self._tmp = workers, what, None, False, None
+        if workers == 0:
+            self.handles: list[Any] = [worker_cls(*args)]
+        else:
+            import ray
+            self._ray = ray
+            if not ray.is_initialized():
+                if address:
+                    ray.init(address=address)
+                else:  # a short temp dir: Ray's socket paths must stay under 107 characters
+                    self._tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+                    ray.init(num_cpus=max(1, int(np.ceil(workers * cpus_per_worker))), include_dashboard=False,
+                             _temp_dir=self._tmp)
+                self._owns_ray = True
+            actor = ray.remote(worker_cls).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)
+            self.handles = [actor.remote(*args) for _ in range(workers)]
+        self.ready_value: Any = self._started(ready, startup_timeout)
+
+    def _started(self, method: str, timeout: float) -> Any:
+        """Wait for every worker to be up (its model loaded); the first worker's answer to ``method``."""
+        refs = [self._call(h, method) for h in self.handles]
+        if self._ray is None:
+            return refs[0]
+        ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        if len(ready) < len(refs):  # actors left pending: the cluster lacks the CPUs/GPUs they ask for
+            free = self._ray.available_resources()
+            self.close()
+            raise RuntimeError(f"only {len(ready)} of {len(refs)} {self.what} actors started within {timeout:.0f} s; "
+                               f"each asks for cpus_per_worker/gpus_per_worker, and the cluster has {free} free")
+        return self._ray.get(refs[0])
+
+    def _call(self, handle: Any, method: str, *args: Any) -> Any:
+        fn = getattr(handle, method)
+        return fn.remote(*args) if self._ray is not None else fn(*args)  # a Ray future, or the value itself
+
+    def _get(self, ref: Any) -> Any:
+        return self._ray.get(ref) if self._ray is not None else ref
+
+    def run(self, job: Any, desc: str = "job", progress: bool = True, unit: str = "img",
+            batches_per_call: int = 2) -> Any:
+        """Run ``job`` over all workers; the sum of their partials in worker order."""
+        world = len(self.handles)
+        starts = [self._call(h, "start", job, r, world) for r, h in enumerate(self.handles)]  # all at once
+        counts = [self._get(ref) for ref in starts]
+        bar = tqdm(total=sum(counts), desc=desc, unit=unit, disable=not progress, dynamic_ncols=True)
+        pending = {i: self._call(h, "step", batches_per_call) for i, h in enumerate(self.handles)}
+        while pending:
+            if self._ray is not None:  # whichever worker reports first; the others keep working meanwhile
+                ready, _ = self._ray.wait(list(pending.values()), num_returns=1)
+                i = next(k for k, v in pending.items() if v == ready[0])
+            else:
+                i = next(iter(pending))
+            n, finished = self._get(pending.pop(i))
+            bar.update(n)
+            if not finished:
+                pending[i] = self._call(self.handles[i], "step", batches_per_call)
+        bar.close()
+        parts = [self._get(self._call(h, "result")) for h in self.handles]
+        total = parts[0]
+        for p in parts[1:]:
+            total = total + p
+        return total
+
+    def close(self) -> None:
+        if self._ray is not None:
+            for h in self.handles:
+                self._ray.kill(h)
+            if self._owns_ray:
+                self._ray.shutdown()  # disconnects, and stops the local cluster we started (never `ray stop`)
+                if self._tmp:
+                    shutil.rmtree(self._tmp, ignore_errors=True)
+            self._ray = None
+        self.handles = []
+
+
+__all__ = ["ActorPool"]
