@@ -137,15 +137,31 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
         where = f"{path}.{unknown[0]}" if path else unknown[0]
         raise ConfigError(where, data[unknown[0]], f"unknown key; {cls.__name__} has {sorted(names)}")
     kwargs = dict(base)
+    defaults = {f.name: f for f in dataclasses.fields(cls)}
     for name, value in data.items():
         sub = f"{path}.{name}" if path else name
-        if dataclasses.is_dataclass(hints[name]) and isinstance(value, dict) and name in base:
-            value = {**to_dict(base[name]), **value}
+        if dataclasses.is_dataclass(hints[name]) and isinstance(value, dict) and "preset" not in value:
+            # A partial section refines what the field would otherwise be: the preset's value, else the field's own
+            # default (``train: TrainConfig = field(default_factory=lambda: TrainConfig(experiment="x"))``), not
+            # the section class's bare defaults, which would silently undo the outer default.
+            start = base[name] if name in base else _field_default(defaults[name])
+            if start is not None:
+                value = {**to_dict(start), **value}
         kwargs[name] = _convert(hints[name], value, sub)
     try:
         return cls(**kwargs)
     except ConfigError as e:
         raise _prefix_error(e, path) from None
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    """The field's default value, or None when it has none that validates on its own (``data`` needs shards)."""
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        try:
+            return f.default_factory()  # type: ignore[misc]
+        except ConfigError:
+            return None
+    return None if f.default is dataclasses.MISSING else f.default
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -119,3 +119,23 @@ def test_every_field_has_a_docstring() -> None:
         docs = field_docs(cls)
         missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
         assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
+
+
+@dataclasses.dataclass
+class _Inner:
+    a: int = 1
+    """First."""
+    b: int = 2
+    """Second."""
+
+
+@dataclasses.dataclass
+class _Outer:
+    inner: _Inner = dataclasses.field(default_factory=lambda: _Inner(a=5))
+    """A section whose default differs from the class defaults (as a stage's own train section does)."""
+
+
+def test_a_partial_section_refines_the_fields_default_not_the_class_defaults() -> None:
+    from vitvq.configs import load
+    assert load(_Outer, None, ["inner.b=3"]).inner == _Inner(a=5, b=3)
+    assert load(_Outer, None, []).inner == _Inner(a=5, b=2)
