@@ -185,7 +185,7 @@ class Trainer:
     def draw(self) -> None:
         """The task's pictures as PNGs in out_dir/images (and the newest at out_dir/<name>.png) and in MLflow."""
         pictures = self.task.pictures()  # every rank: the task may run its models, and ranks stay in step
-        if not self.dist.is_main:
+        if not (pictures and self.dist.is_main):
             return
         from PIL import Image
         folder = self.out / "images"
