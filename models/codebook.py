@@ -10,6 +10,14 @@ reduces gradients, and vector-quantize-pytorch's EMA and restarts hung or diverg
 made collective. Collectives run in training mode only: in eval mode ranks may hold different numbers of
 batches, and a collective inside an uneven loop hangs.
 
+State changes wait for a verdict: ``observe`` (in the forward) only computes what the EMA statistics and the
+restart window would become; ``commit()`` applies it once the trainer knows the micro-batch's losses are finite
+on every rank, ``discard()`` drops it. Dead-code restarts run at the end of an optimizer step (``end_step``),
+and k-means initialisation (``init_from_data``) once, before the first step. Rows of a gradient-learned
+codebook are written through an injected ``write_rows(param, rows, values)``: an optimizer may keep its own
+fp32 master copy and moments (DeepSpeed's ZeRO and bf16 optimizers do), which a write to the parameter alone
+would not reach, and the next optimizer step would undo it.
+
 Numerics: distances, argmin, l2-norms and entropies run in fp32 with autocast off, whatever the parameter
 dtype (DeepSpeed bf16 casts parameters, so autocast alone is not enough); the EMA codebook and its
 statistics stay fp32 buffers even after ``module.to(torch.bfloat16)``.
@@ -17,17 +25,63 @@ statistics stay fp32 buffers even after ``module.to(torch.bfloat16)``.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 AllReduce = Callable[[Tensor], object]
+RowWriter = Callable[[nn.Parameter, Tensor, Tensor], None]
 
 
 def no_reduce(t: Tensor) -> None:
     """Default all_reduce: one process holds the whole batch, nothing to sum."""
+
+
+@torch.no_grad()
+def write_rows_inplace(param: nn.Parameter, rows: Tensor, values: Tensor) -> None:
+    """Default row writer: the parameter only (plain PyTorch optimizers keep no copy of it; their moments stay)."""
+    param.data[rows] = values.to(param.dtype)
+
+
+@torch.no_grad()
+def kmeans(x: Tensor, k: int, iters: int, seed: int, spherical: bool, chunk: int = 4096) -> Tensor:
+    """k-means++ seeding then ``iters`` Lloyd iterations on rows of x (N, D) fp32; returns (k, D) centers.
+
+    Spherical (centers l2-normalized after each update) for l2-normalized codebooks. An empty cluster keeps its
+    center. With fewer points than codes, the missing seeds are drawn (with replacement) from the points, so
+    several codes start equal and the first restarts separate them. Random draws come from a CPU generator
+    seeded by ``seed``: the same points give the same centers on every rank."""
+    x = x.float()
+    n = x.shape[0]
+    g = torch.Generator().manual_seed(seed)
+
+    first = int(torch.randint(n, (1,), generator=g))
+    chosen = [first]
+    d2 = (x - x[first]).pow(2).sum(1)  # (n,)
+    for _ in range(1, min(k, n)):
+        total = d2.sum()
+        if total <= 0:  # every point is already a center
+            break
+        u = float(torch.rand((), generator=g)) * float(total)
+        j = min(int(torch.searchsorted(d2.cumsum(0), torch.tensor(u, device=x.device))), n - 1)
+        chosen.append(j)
+        d2 = torch.minimum(d2, (x - x[j]).pow(2).sum(1))
+    if len(chosen) < k:
+        chosen += torch.randint(n, (k - len(chosen),), generator=g).tolist()
+    centers = x[torch.tensor(chosen, device=x.device)].clone()  # (k, D)
+    if spherical:
+        centers = F.normalize(centers, dim=-1)
+    for _ in range(iters):
+        assign = torch.cat([torch.cdist(xs, centers).argmin(1) for xs in x.split(chunk)])  # (n,)
+        sums = torch.zeros_like(centers).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k).float()
+        live = counts > 0
+        centers[live] = sums[live] / counts[live, None]
+        if spherical:
+            centers = F.normalize(centers, dim=-1)
+    return centers
 
 
 def fp32_island(device: torch.device) -> torch.autocast:
@@ -44,10 +98,12 @@ def code_stats(counts: Tensor) -> dict[str, Tensor]:
 
 
 class Codebook(nn.Module):
-    """K codes of size D with lookup, cross-rank statistics, EMA updates and dead-code restarts.
+    """K codes of size D with lookup, cross-rank statistics, EMA updates, dead-code restarts and k-means init.
 
     ``weight`` is an ``nn.Parameter`` for gradient-learned codes and an fp32 buffer for EMA codes, so the
     state-dict key is the same either way. With ``l2_norm`` every lookup uses the l2-normalized rows.
+    ``initialized`` (saved with the weights) records a finished k-means initialisation, so a resumed run does
+    not initialise again.
     """
 
     _FP32_BUFFERS = ("weight", "cluster_size", "embed_sum", "window_counts")
@@ -61,6 +117,8 @@ class Codebook(nn.Module):
         self.restart, self.dead_threshold, self.restart_every = restart, dead_threshold, restart_every
         if l2_norm or ema:
             init = torch.randn(size, dim)
+            if l2_norm:  # unit rows from the start: the data they stand for has norm 1
+                init = F.normalize(init, dim=-1)
         else:  # taming / VQ-VAE ports: small uniform codes for an unnormalized gradient codebook
             init = torch.empty(size, dim).uniform_(-1.0 / size, 1.0 / size)
         if ema:
@@ -71,11 +129,15 @@ class Codebook(nn.Module):
             self.register_buffer("embed_sum", init.clone())
         else:
             self.weight = nn.Parameter(init)
+            self.weight._no_weight_decay = True  # read by the trainer's optimizer groups: decay would shrink codes
         if restart:
             self.register_buffer("window_counts", torch.zeros(size))  # global counts since the last check
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.all_reduce: AllReduce = no_reduce
+        self.write_rows: RowWriter = write_rows_inplace
         self.rank, self.world_size, self.step = 0, 1, 0
-        self._restarted_at = -1  # one restart per step even with gradient accumulation (several forwards)
+        self._pending: list[tuple[Tensor, Optional[Tensor], Tensor]] = []  # (counts, EMA sums, vectors)
+        self._pool: Optional[Tensor] = None  # this rank's vectors of the last committed micro-batch
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's private signature
         # DeepSpeed bf16 calls module.bfloat16(): keep the EMA statistics fp32 (a 0.99-decay average in bf16
@@ -105,13 +167,14 @@ class Codebook(nn.Module):
                 out.append(d.argmin(1))
             return torch.cat(out)
 
+    # -- statistics: computed in the forward, applied by commit() --------------------------------------
     @torch.no_grad()
     def observe(self, groups: Sequence[tuple[Tensor | None, Tensor]]) -> Tensor:
         """Code counts (G, K) of each (vectors (N, D) or None, indices (N,)) group.
 
         In training mode the counts (and, for EMA, the per-code vector sums) are summed over ranks in one
-        collective, then the EMA update and the restart window use those global numbers. In eval mode the
-        counts stay local and nothing changes.
+        collective, and what they would do to the EMA statistics and the restart window is kept for
+        :meth:`commit`. In eval mode the counts stay local and nothing is kept.
         """
         device = groups[0][1].device
         with fp32_island(device):
@@ -129,11 +192,27 @@ class Codebook(nn.Module):
             self.all_reduce(packed)  # sum over ranks BEFORE any update: identical codebooks everywhere
             g = counts.shape[0]
             counts = packed[: g * self.size].view(g, self.size)
-            if self.ema:
-                self._ema_update(counts.sum(0), packed[g * self.size:].view(self.size, self.dim))
-            if self.restart:
-                self.window_counts += counts.sum(0)
+            ema_sums = packed[g * self.size:].view(self.size, self.dim) if self.ema else None
+            vectors = groups[0][0]
+            self._pending.append((counts.sum(0), ema_sums, vectors.detach() if vectors is not None else None))
         return counts
+
+    @torch.no_grad()
+    def commit(self) -> None:
+        """Apply what the observed micro-batches since the last commit do to the EMA codes and the restart window
+        (the trainer calls this once the losses are known to be finite on every rank)."""
+        for counts, ema_sums, vectors in self._pending:
+            if self.ema:
+                self._ema_update(counts, ema_sums)
+            if self.restart:
+                self.window_counts += counts
+            if vectors is not None:
+                self._pool = vectors
+        self._pending.clear()
+
+    def discard(self) -> None:
+        """Forget the observed micro-batches since the last commit (a dropped, non-finite micro-batch)."""
+        self._pending.clear()
 
     def _ema_update(self, counts: Tensor, sums: Tensor) -> None:
         """VQ-VAE appendix A.1 with Laplace smoothing of the cluster sizes (sonnet, VQ-VAE-2)."""
@@ -145,33 +224,43 @@ class Codebook(nn.Module):
         self.weight.copy_(F.normalize(w, dim=-1) if self.l2_norm else w)
 
     @torch.no_grad()
-    def maybe_restart(self, x: Tensor) -> None:
-        """At a restart step (training only), replace dead codes by rows of this batch's vectors x (N, D).
+    def _set_rows(self, rows: Tensor, values: Tensor) -> None:
+        """Rows of the codebook := values (identical on every rank), for EMA buffers or through ``write_rows``."""
+        if self.ema:  # one member, consistent with weight == embed_sum / cluster_size
+            self.weight[rows] = values
+            self.cluster_size[rows] = 1.0
+            self.embed_sum[rows] = values
+        else:
+            self.write_rows(self.weight, rows, values)
 
-        Called before the lookup, so the replaced codes serve this very batch and no autograd graph holds
-        the old values. Dead = fewer than ``dead_threshold`` global uses since the last check; the window is
-        built from all-reduced counts, so every rank picks the same slots. Slot j is filled by rank
-        ``j % world_size`` with one of its own vectors while the other ranks contribute zeros; one summed
-        collective then gives every rank the same new codes (a sum of one vector and zeros is exact).
+    # -- restarts: at the end of an optimizer step ------------------------------------------------------
+    @torch.no_grad()
+    def end_step(self, step: int) -> int:
+        """At a restart step (every ``restart_every`` optimizer steps), replace the dead codes by vectors of the
+        last committed micro-batch; returns how many were replaced. Collective when due: every rank calls it.
+
+        Dead = fewer than ``dead_threshold`` global uses since the last check; the window is built from
+        all-reduced counts, so every rank picks the same slots. Slot j is filled by rank ``j % world_size``
+        with one of its own vectors while the other ranks contribute zeros; one summed collective then gives
+        every rank the same new codes (a sum of one vector and zeros is exact).
         """
-        due = self.restart and self.training and self.step > 0 and self.step % self.restart_every == 0
-        if not due or self._restarted_at == self.step:
-            return
-        self._restarted_at = self.step
+        if not (self.restart and self.training and step > 0 and step % self.restart_every == 0):
+            return 0
         window = self.window_counts.clone()
         self.window_counts.zero_()
-        if window.sum() == 0:  # nothing observed since the last check (e.g. a fresh start)
-            return
+        if window.sum() == 0 or self._pool is None:  # nothing observed since the last check
+            return 0
         dead = (window < self.dead_threshold).nonzero().squeeze(1)  # identical on every rank
         n = dead.numel()
         if n == 0:
-            return
-        gen = torch.Generator().manual_seed(self.step * 65_537 + self.rank)  # reproducible per (step, rank)
+            return 0
+        x = self._pool
+        gen = torch.Generator().manual_seed(step * 65_537 + self.rank)  # reproducible per (step, rank)
         pos = torch.randint(x.shape[0], (n,), generator=gen).to(x.device)
         mine = torch.arange(n, device=x.device) % self.world_size == self.rank  # (n,) slots this rank owns
         with fp32_island(x.device):
             buf = torch.zeros(n, self.dim + 1, device=x.device)
-            buf[mine, : self.dim] = x.detach().float()[pos[mine]]
+            buf[mine, : self.dim] = x.float()[pos[mine]]
             buf[mine, self.dim] = 1.0
             self.all_reduce(buf)
             if not bool((buf[:, self.dim] == 1).all()):  # same verdict on every rank: no one hangs
@@ -179,8 +268,65 @@ class Codebook(nn.Module):
                     "dead-code restart: each slot must be filled by exactly one rank, got owner counts "
                     f"{buf[:, self.dim].tolist()}; pass the real topology with "
                     "quantizer.set_all_reduce(fn, rank=rank, world_size=world_size)")
-            new = buf[:, : self.dim]  # (n, D)
-            self.weight[dead] = new.to(self.weight.dtype)
-            if self.ema:  # one member, consistent with weight == embed_sum / cluster_size
-                self.cluster_size[dead] = 1.0
-                self.embed_sum[dead] = new
+            self._set_rows(dead, buf[:, : self.dim])
+        return n
+
+    # -- initialisation from data, once -----------------------------------------------------------------
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor, iters: int, seed: int) -> None:
+        """k-means codes from x (N, D): the lookup vectors of every rank, identical on every rank. Rank 0's
+        result is then copied to the others (one summed collective of its codes and zeros: exact), so float
+        differences between devices (atomic adds on GPUs) cannot leave the ranks with different codebooks."""
+        with fp32_island(x.device):
+            centers = kmeans(x, self.size, iters, seed, spherical=self.l2_norm)
+            centers = centers * (1.0 if self.rank == 0 else 0.0)
+            self.all_reduce(centers)
+            self._set_rows(torch.arange(self.size, device=x.device), centers)
+        self.initialized.fill_(True)
+
+
+class UsageWindow:
+    """The global code histogram of the last ``steps`` optimizer steps, behind the codebook-health metrics.
+
+    Usage of one batch is capped at tokens per batch / codes (the demo's 1024 tokens can use at most 1024 of
+    8192 codes), so a per-batch figure says little; over a window it measures the codebook. Fed with the
+    all-reduced counts of the micro-batches that were used (``add``), closed at each optimizer step
+    (``end_step``); plain bookkeeping whose state goes into the trainer's checkpoint.
+    """
+
+    def __init__(self, size: int, steps: int):
+        self.size, self.steps = size, steps
+        self.hist = torch.zeros(steps, size, dtype=torch.float64)  # ring of per-step counts
+        self.current = torch.zeros(size, dtype=torch.float64)
+        self.pos, self.filled, self.restarts = 0, 0, 0
+
+    def add(self, counts: Tensor) -> None:
+        self.current += counts.detach().double().cpu()
+
+    def end_step(self, restarted: int = 0) -> None:
+        self.hist[self.pos] = self.current
+        self.pos, self.filled = (self.pos + 1) % self.steps, min(self.filled + 1, self.steps)
+        self.current.zero_()
+        self.restarts += int(restarted)
+
+    def counts(self) -> Tensor:
+        """(K,) uses of each code over the window."""
+        return self.hist.sum(0)
+
+    def stats(self) -> dict[str, float]:
+        counts = self.counts()
+        s = code_stats(counts)
+        return {"usage": float(s["usage"]), "perplexity": float(s["perplexity"]),
+                "dead_codes": float((counts == 0).sum()), "restarts": float(self.restarts),
+                "window_steps": float(self.filled)}
+
+    def state_dict(self) -> dict:
+        return {"hist": self.hist.clone(), "current": self.current.clone(), "pos": self.pos, "filled": self.filled,
+                "restarts": self.restarts}
+
+    def load_state_dict(self, state: dict) -> None:
+        if tuple(state["hist"].shape) != (self.steps, self.size):
+            raise ValueError(f"usage window of shape {tuple(state['hist'].shape)} in the checkpoint, this run has "
+                             f"({self.steps}, {self.size}): keep quantizer.health_window and codebook_size on resume")
+        self.hist, self.current = state["hist"].clone(), state["current"].clone()
+        self.pos, self.filled, self.restarts = state["pos"], state["filled"], state["restarts"]

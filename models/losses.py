@@ -158,6 +158,7 @@ class Stage1Loss(nn.Module):
         self.register_buffer("lecam_ema", torch.zeros(2))  # EMA of mean D(real), mean D(fake)
         self.register_buffer("lecam_initialized", torch.zeros((), dtype=torch.bool))
         self._all_reduce: Callable[[torch.Tensor], torch.Tensor] = _noop
+        self._lecam_pending: Optional[torch.Tensor] = None
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "Stage1Loss":
         self.perceptual._apply(fn, recurse)  # .to()/.cuda() go through _apply: move the unregistered LPIPS too
@@ -222,24 +223,36 @@ class Stage1Loss(nn.Module):
         loss = loss + (0.5 * cfg.r1_gamma * cfg.r1_every) * r1
         lecam = zero
         if cfg.lecam_weight > 0:
-            self._update_lecam_ema(logits_real.detach(), logits_fake.detach())
-            lecam = lecam_regularization(logits_real, logits_fake, self.lecam_ema[0], self.lecam_ema[1])
+            anchors = self._lecam_anchors(logits_real.detach(), logits_fake.detach())  # applied by commit()
+            lecam = lecam_regularization(logits_real, logits_fake, anchors[0], anchors[1])
             loss = loss + cfg.lecam_weight * lecam
         metrics = {"disc_loss": loss, "r1": r1, "lecam": lecam, "logits_real": logits_real.mean(),
                    "logits_fake": logits_fake.mean()}
         return loss, {k: v.detach() for k, v in metrics.items()}
 
     @torch.no_grad()
-    def _update_lecam_ema(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> None:
+    def _lecam_anchors(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+        """LeCam's EMAs updated with this micro-batch, (2,): used by its loss, stored only by :meth:`commit`."""
         # Global means over ranks (sum of means / number of ranks), so every rank keeps the same anchors.
         stats = torch.stack([logits_real.mean(), logits_fake.mean(), logits_real.new_ones(())])
         self._all_reduce(stats)
         means = stats[:2] / stats[2]
-        if not bool(self.lecam_initialized):
-            self.lecam_ema.copy_(means)  # start at the first values rather than biasing toward 0
-            self.lecam_initialized.fill_(True)
+        if not bool(self.lecam_initialized):  # start at the first values rather than biasing toward 0
+            self._lecam_pending = means.clone()
         else:
-            self.lecam_ema.mul_(self.cfg.lecam_decay).add_(means, alpha=1 - self.cfg.lecam_decay)
+            self._lecam_pending = self.lecam_ema * self.cfg.lecam_decay + means * (1 - self.cfg.lecam_decay)
+        return self._lecam_pending
+
+    def commit(self) -> None:
+        """Keep the LeCam EMAs of the last micro-batch (the trainer calls this once its losses were finite)."""
+        if self._lecam_pending is not None:
+            self.lecam_ema.copy_(self._lecam_pending)
+            self.lecam_initialized.fill_(True)
+        self._lecam_pending = None
+
+    def discard(self) -> None:
+        """Forget them: the micro-batch was dropped."""
+        self._lecam_pending = None
 
 
 __all__ = ["LossConfig", "Stage1Loss", "logit_laplace_nll", "logit_laplace_image", "decoder_output_to_image",

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from vitvq.models.codebook import AllReduce, Codebook, code_stats, fp32_island, no_reduce
+from vitvq.models.codebook import AllReduce, Codebook, RowWriter, code_stats, fp32_island, no_reduce
 from vitvq.configs import ConfigError, check
 
 
@@ -66,6 +66,14 @@ class QuantizerConfig:
     """A code is dead when used fewer times than this (summed over ranks) since the last restart check."""
     restart_every: int = 200
     """Steps between dead-code checks."""
+    init: Literal["random", "kmeans"] = "random"
+    """Codebook start: random codes, or k-means on the encoder's lookup vectors of the first batches (all ranks)."""
+    kmeans_points: int = 65_536
+    """Lookup vectors gathered over all ranks for the k-means initialisation (the trainer reads enough batches)."""
+    kmeans_iters: int = 10
+    """Lloyd iterations after k-means++ seeding."""
+    health_window: int = 100
+    """Optimizer steps of the code histogram behind codebook/usage, codebook/perplexity and codebook/dead_codes."""
 
     def __post_init__(self) -> None:
         check(self.codebook_size >= 2, "codebook_size", self.codebook_size, "use at least 2 codes")
@@ -85,6 +93,11 @@ class QuantizerConfig:
               self.restart_dead_codes, "gumbel picks codes from logits, not by distance: set it false")
         check(self.dead_threshold >= 0, "dead_threshold", self.dead_threshold, "must be >= 0")
         check(self.restart_every >= 1, "restart_every", self.restart_every, "must be >= 1 step")
+        check(not (self.kind == "gumbel" and self.init == "kmeans"), "init", self.init,
+              "gumbel picks codes from logits, not by distance: set it to random")
+        check(self.kmeans_points >= 1, "kmeans_points", self.kmeans_points, "must be positive")
+        check(self.kmeans_iters >= 0, "kmeans_iters", self.kmeans_iters, "must be >= 0")
+        check(self.health_window >= 1, "health_window", self.health_window, "must be >= 1 step")
 
 
 @dataclass
@@ -97,6 +110,8 @@ class QuantizerOutput:
     """(B, h, w) long; (B, h, w, depth) for residual."""
     stats: dict[str, Tensor] = field(default_factory=dict)
     """fp32 scalars: perplexity, usage (global over ranks in training mode); residual adds *_level{i}."""
+    counts: Optional[Tensor] = None
+    """(K,) fp32 code histogram of this batch (summed over ranks in training mode; residual: level 0)."""
 
 
 class Quantizer(nn.Module):
@@ -123,10 +138,63 @@ class Quantizer(nn.Module):
         for cb in self.codebooks():
             cb.all_reduce, cb.rank, cb.world_size = fn or no_reduce, rank, world_size
 
+    def set_row_writer(self, fn: RowWriter) -> None:
+        """fn(param, rows, values) writes codebook rows where the optimizer keeps them too (restarts, k-means)."""
+        for cb in self.codebooks():
+            cb.write_rows = fn
+
     def set_step(self, step: int) -> None:
         self.step = step
         for cb in self.codebooks():
             cb.step = step
+
+    def commit(self) -> None:
+        """Apply the statistics of the micro-batches observed since the last commit (EMA codes, restart window)."""
+        for cb in self.codebooks():
+            cb.commit()
+
+    def discard(self) -> None:
+        """Drop them: the micro-batch was not used (a non-finite loss on some rank)."""
+        for cb in self.codebooks():
+            cb.discard()
+
+    def end_step(self, step: int) -> int:
+        """After optimizer step ``step``: dead-code restarts when due (collective); the number of codes replaced."""
+        return sum(cb.end_step(step) for cb in self.codebooks())
+
+    @property
+    def needs_init(self) -> bool:
+        """Whether k-means initialisation is configured and has not run yet (it is saved with the weights)."""
+        return self.cfg.init == "kmeans" and not all(bool(cb.initialized) for cb in self.codebooks())
+
+    def lookup_vectors(self, z: Tensor) -> Tensor:
+        """(B, dim, h, w) encoder features -> (B*h*w, code_dim) fp32 vectors as the nearest-code search sees them."""
+        return self._vectors_in(z)
+
+    @torch.no_grad()
+    def gather_vectors(self, x: Tensor) -> Tensor:
+        """Every rank's lookup vectors (N, code_dim), rank order, on every rank (one summed collective of each rank's
+        rows in its own slot and zeros elsewhere: exact). Every rank must bring the same N."""
+        cb = self.codebooks()[0]
+        n = torch.zeros(cb.world_size, device=x.device)
+        n[cb.rank] = x.shape[0]
+        cb.all_reduce(n)
+        if not bool((n == x.shape[0]).all()):
+            raise ValueError(f"k-means initialisation needs the same number of vectors on every rank, got {n.tolist()}")
+        out = torch.zeros(cb.world_size, *x.shape, device=x.device)
+        out[cb.rank] = x.float()
+        cb.all_reduce(out)
+        return out.reshape(-1, x.shape[1])
+
+    @torch.no_grad()
+    def init_codebooks(self, x: Tensor, seed: int = 0) -> None:
+        """k-means initialisation from this rank's lookup vectors x (N, code_dim): the codebook is fitted to the
+        vectors of all ranks and is identical on every rank (collective)."""
+        x = self.gather_vectors(x)
+        self._init_from(x, seed)
+
+    def _init_from(self, x: Tensor, seed: int) -> None:
+        self.codebooks()[0].init_from_data(x, self.cfg.kmeans_iters, seed)
 
     def _vectors_in(self, z: Tensor) -> Tensor:
         """(B, dim, h, w) -> (B*h*w, code_dim) fp32 lookup vectors, l2-normalized when configured."""
@@ -170,7 +238,6 @@ class VectorQuantizer(Quantizer):
     def forward(self, z: Tensor) -> QuantizerOutput:
         b, _, h, w = z.shape  # (B, dim, h, w)
         x = self._vectors_in(z)  # (N, C) fp32
-        self.codebook.maybe_restart(x)
         idx = self.codebook.nearest(x)  # (N,)
         with fp32_island(z.device):
             q = self.codebook.codes()[idx]  # (N, C), carries the codebook gradient for "vq"
@@ -180,8 +247,8 @@ class VectorQuantizer(Quantizer):
             quantized = self._vectors_out(x + (q - x).detach(), b, h, w)  # straight-through estimator
         else:
             quantized = self.get_codes(indices)
-        counts = self.codebook.observe([(x, idx)])[0]  # after the lookup: updates serve the next step
-        return QuantizerOutput(quantized.to(z.dtype), loss, indices, code_stats(counts))
+        counts = self.codebook.observe([(x, idx)])[0]  # applied by commit(): updates serve the next micro-batch
+        return QuantizerOutput(quantized.to(z.dtype), loss, indices, code_stats(counts), counts)
 
     def get_codes(self, indices: Tensor) -> Tensor:
         b, h, w = indices.shape
@@ -225,7 +292,7 @@ class GumbelQuantizer(Quantizer):
         quantized = self._vectors_out(zq, b, h, w) if torch.is_grad_enabled() else self.get_codes(indices)
         counts = self.codebook.observe([(None, idx)])[0]
         loss = self.cfg.gumbel_kl_weight * kl
-        return QuantizerOutput(quantized.to(z.dtype), loss, indices, code_stats(counts))
+        return QuantizerOutput(quantized.to(z.dtype), loss, indices, code_stats(counts), counts)
 
     def get_codes(self, indices: Tensor) -> Tensor:
         b, h, w = indices.shape
@@ -257,8 +324,6 @@ class ResidualQuantizer(Quantizer):
         r, q_sum, loss, seen = x, torch.zeros_like(x), x.new_zeros(()), []
         for i in range(depth):
             cb = self._level(i)
-            if i == 0 or not shared:  # a shared codebook restarts from encoder vectors only
-                cb.maybe_restart(r)
             idx = cb.nearest(r)  # (N,)
             with fp32_island(z.device):
                 q = cb.codes()[idx]  # (N, C)
@@ -271,15 +336,24 @@ class ResidualQuantizer(Quantizer):
             quantized = self._vectors_out(x + (q_sum - x).detach(), b, h, w)
         else:
             quantized = self.get_codes(indices)
-        if shared:  # one collective; the EMA pools every level's assignments
-            counts = list(self.levels[0].observe(seen))
+        if shared:  # one collective; the EMA pools every level's assignments; restarts draw from level 0's
+            counts = list(self.levels[0].observe(seen))  # vectors (the encoder's), the first group
         else:
             counts = [self.levels[i].observe([seen[i]])[0] for i in range(depth)]
         per_level = [code_stats(c) for c in counts]
         stats = {key: torch.stack([s[key] for s in per_level]).mean() for key in ("perplexity", "usage")}
         for i, s in enumerate(per_level):
             stats.update({f"{key}_level{i}": v for key, v in s.items()})
-        return QuantizerOutput(quantized.to(z.dtype), loss, indices, stats)
+        return QuantizerOutput(quantized.to(z.dtype), loss, indices, stats, counts[0])
+
+    @torch.no_grad()
+    def _init_from(self, x: Tensor, seed: int) -> None:
+        """Level by level, as RQ-VAE's residuals are: level i from the residuals left by levels < i."""
+        r = x.float()
+        for i in range(1 if self.cfg.residual_shared_codebook else self.cfg.residual_depth):
+            cb = self._level(i)
+            cb.init_from_data(r, self.cfg.kmeans_iters, seed + i)
+            r = r - cb.codes()[cb.nearest(r)]
 
     def get_codes(self, indices: Tensor) -> Tensor:
         b, h, w, depth = indices.shape

@@ -151,6 +151,10 @@ class Tokenizer(nn.Module):
         """Weight of the decoder's final layer, for taming's adaptive GAN weight."""
         return self.decoder.last_layer
 
+    def lookup_vectors(self, x: torch.Tensor) -> torch.Tensor:
+        """(B*h*w, code_dim) fp32 vectors the codebook search sees for images x (k-means initialisation)."""
+        return self.quantizer.lookup_vectors(self.encoder(x))
+
     def set_all_reduce(self, fn: Callable[[torch.Tensor], Any], *, rank: int = 0, world_size: int = 1) -> None:
         """Inject the sum-over-ranks collective used for codebook statistics and restarts (no-op by default)."""
         self.quantizer.set_all_reduce(fn, rank=rank, world_size=world_size)

@@ -17,7 +17,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import deepspeed
 import torch
@@ -189,6 +189,56 @@ def engine_fp32_state(ckpt_dir: Path, tag: str, zero_stage: int) -> dict[str, to
                            f"(unknown keys {unknown}, trainable parameters without an fp32 value {lacking})")
     out = {k: fp32[k] if k in fp32 else module[k] for k in module}  # the module's key order
     return {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
+
+
+def _link_optimizer_states(zero_optimizer: Any) -> None:
+    """Make every parameter's optimizer-state fragments reachable (``safe_*_full_optimizer_state``).
+
+    deepspeed 0.19.8 links them lazily after the first ``step()``, from inside the step of parameter group 0,
+    while the torch optimizer's ``param_groups`` holds that one group only: groups >= 1 (our no-weight-decay
+    group: biases, norms, codebooks) stay unlinked for good, and reading their moments raises "exp_avg not found
+    in optimizer state fragment". Linking again outside the step reaches every group; it only creates views.
+    """
+    if hasattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state"):
+        zero_optimizer._hp_optimizer_states_linked = False
+        zero_optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def row_writer(engine: Any) -> Callable[[torch.nn.Parameter, torch.Tensor, torch.Tensor], None]:
+    """``write(param, rows, values)``: set rows of one of ``engine``'s parameters where DeepSpeed keeps them too.
+
+    ZeRO 1/2 and the bf16 optimizer hold an fp32 master copy of every parameter and copy it back into the module
+    after each ``engine.step()``: a write to the parameter alone is undone one step later. So the rows go into
+    the master (``safe_set_full_fp32_param``) and the module, and their Adam moments are zeroed, so that a
+    restarted code does not move with the momentum of the code it replaces. The full-tensor getters are
+    collectives over the data-parallel group: every rank writes the same rows in the same order (the codebook's
+    restart and k-means decisions are identical on every rank). At ZeRO 0 in fp32 the torch optimizer holds the
+    parameter itself and its own state.
+    """
+    from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_full_fp32_param,
+                                 safe_set_full_optimizer_state)
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO / bf16 wrappers keep torch's here
+
+    @torch.no_grad()
+    def write(param: torch.nn.Parameter, rows: torch.Tensor, values: torch.Tensor) -> None:
+        param.data[rows] = values.to(param.dtype)
+        full = safe_get_full_fp32_param(param)
+        if full is None:  # ZeRO 0, fp32: no master copy
+            state = base.state.get(param, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key][rows] = 0
+            return
+        full[rows] = values.to(full.dtype)
+        safe_set_full_fp32_param(param, full)
+        if engine.global_steps > 0:  # the moments exist from the first step on (the same count on every rank)
+            _link_optimizer_states(engine.optimizer)
+            for key in ("exp_avg", "exp_avg_sq"):
+                moment = safe_get_full_optimizer_state(param, key)
+                moment[rows] = 0
+                safe_set_full_optimizer_state(param, moment, key)
+
+    return write
 
 
 def grad_norm(engine: Any) -> float:

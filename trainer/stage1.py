@@ -26,7 +26,8 @@ from vitvq.models.discriminators import build_discriminator
 from vitvq.models.losses import Stage1Loss
 from vitvq.models.tokenizer import Tokenizer
 from vitvq.trainer.config import OptimConfig, Stage1Config
-from vitvq.trainer.engine import DistInfo, all_reduce_sum, any_rank, grad_norm
+from vitvq.models.codebook import UsageWindow, code_stats
+from vitvq.trainer.engine import DistInfo, all_reduce_sum, any_rank, grad_norm, row_writer
 from vitvq.trainer.parallelize import compute_dtype
 from vitvq.trainer.task import Every, Evaluator, Stream
 
@@ -64,7 +65,10 @@ class Stage1Task:
     def attach(self, engines: dict[str, Any]) -> None:
         self.engines = engines
         self.gen.set_all_reduce(all_reduce_sum, rank=self.dist.rank, world_size=self.dist.world_size)
+        self.gen.quantizer.set_row_writer(row_writer(engines["generator"]))  # restarts reach DeepSpeed's masters
         self.loss.set_all_reduce(all_reduce_sum)
+        q = self.cfg.model.quantizer
+        self.health = UsageWindow(q.codebook_size, q.health_window)
 
     @property
     def gen(self) -> Tokenizer:
@@ -94,10 +98,41 @@ class Stage1Task:
         return {"dataset_index_sha256": index_checksum(self.shards("train"), self.cfg.data.index) or "none"}
 
     def state_dict(self) -> dict:
-        return {"loss": self.loss.state_dict()}  # LeCam EMAs live in the loss module
+        return {"loss": self.loss.state_dict(), "codebook_health": self.health.state_dict()}  # LeCam EMAs: loss
 
     def load_state_dict(self, state: dict) -> None:
         self.loss.load_state_dict(state["loss"])
+        self.health.load_state_dict(state["codebook_health"])
+
+    # -- once at the start, and after each optimizer step ---------------------------------------
+    @torch.no_grad()
+    def on_start(self) -> None:
+        """k-means codebook initialisation on a fresh run (``quantizer.init: kmeans``; a resumed run has it saved).
+
+        The lookup vectors come from a stream of their own (the training stream's position is untouched), about
+        ``kmeans_points`` of them over all ranks; the quantizer gathers them so that every rank clusters the same
+        points."""
+        quantizer = self.gen.quantizer
+        if not quantizer.needs_init:
+            return
+        qc, world = self.cfg.model.quantizer, self.dist.world_size
+        stream = build_train_stream(replace(self.cfg.data, num_workers=0), shards=self.shards("train"),
+                                    batch_size=self.cfg.train.micro_batch_size, rank=self.dist.rank,
+                                    world_size=world, seed=self.cfg.train.seed + 1)
+        per_rank, parts, have = -(-qc.kmeans_points // world), [], 0
+        while have < per_rank:  # an epoch-mode stream ends: start it again
+            for batch in stream:
+                parts.append(self.gen.lookup_vectors(batch["image"].to(self.dist.device).to(self.dtype)))
+                have += parts[-1].shape[0]
+                if have >= per_rank:
+                    break
+        local = torch.cat(parts)[:per_rank]  # (n, C): the same n on every rank (equal micro-batches)
+        quantizer.init_codebooks(local, seed=self.cfg.train.seed)  # on the vectors of all ranks
+        if self.dist.is_main:
+            print(f"codebook initialised by k-means on {per_rank * world} lookup vectors")
+
+    def after_step(self, step: int) -> None:
+        self.health.end_step(self.gen.quantizer.end_step(step))  # restarts when due (collective)
 
     # -- one micro-step -----------------------------------------------------------------------
     def micro_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor] | None:
@@ -121,13 +156,18 @@ class Stage1Task:
             metrics.update(d_metrics)
 
         bad = not torch.isfinite(loss_g).item() or (loss_d is not None and not torch.isfinite(loss_d).item())
-        if any_rank(bad, self.dist.device):
+        if any_rank(bad, self.dist.device):  # dropped on every rank: keep no statistic of this micro-batch
+            self.gen.quantizer.discard()
+            self.loss.discard()
             return None
         g_engine.backward(loss_g)
         g_engine.step()
         if loss_d is not None:
             d_engine.backward(loss_d)
             d_engine.step()
+        self.gen.quantizer.commit()  # EMA codes and the restart window take this micro-batch now
+        self.loss.commit()
+        self.health.add(q.counts)
         metrics["codebook_usage"] = q.stats["usage"].float()
         metrics["perplexity"] = q.stats["perplexity"].float()
         return {k: v.detach().float().reshape(()) if v.numel() == 1 else v.detach().float().mean()
@@ -135,7 +175,9 @@ class Stage1Task:
 
     def engine_metrics(self) -> dict[str, float]:
         g, d = self.engines["generator"], self.engines["discriminator"]
-        return {"train/lr": g.get_lr()[0], "train/grad_norm_g": grad_norm(g), "train/grad_norm_d": grad_norm(d)}
+        out = {"train/lr": g.get_lr()[0], "train/grad_norm_g": grad_norm(g), "train/grad_norm_d": grad_norm(d)}
+        out.update({f"codebook/{k}": v for k, v in self.health.stats().items()})  # over the health window
+        return out
 
     # -- validation, pictures, evaluation, export -----------------------------------------------
     @property
@@ -178,7 +220,8 @@ class Stage1Task:
         gen.train(was_training)
         n = max(sums[0].item(), 1.0)
         return {"val/l1": sums[1].item() / n, "val/psnr": sums[2].item() / n, "val/lpips": sums[3].item() / n,
-                "val/codebook_usage": (hist > 0).double().mean().item(), "val/images": sums[0].item()}
+                "val/codebook_usage": (hist > 0).double().mean().item(),
+                "val/perplexity": float(code_stats(hist)["perplexity"]), "val/images": sums[0].item()}
 
     def picture_batch(self) -> torch.Tensor:
         """The same 8 images for every grid of a run: the first validation images, else the first training
@@ -194,7 +237,8 @@ class Stage1Task:
         return self._picture_batch
 
     def pictures(self) -> dict[str, np.ndarray]:
-        return {"reconstructions": self.reconstruction_grid(self.picture_batch())}
+        return {"reconstructions": self.reconstruction_grid(self.picture_batch()),
+                "codebook_usage": usage_plot(self.health.counts().numpy(), self.health.stats())}
 
     @torch.no_grad()
     def reconstruction_grid(self, x: torch.Tensor, n: int = 8) -> np.ndarray:
@@ -222,10 +266,12 @@ class Stage1Task:
         return tok.save_export(dest, extra)
 
     def summary(self, metrics: dict[str, float]) -> list[tuple[str, str]]:
-        lines = [(k, f"{metrics[k]:.4f}") for k in ("train/total_loss", "val/psnr", "val/lpips", "val/codebook_usage")
-                 if k in metrics]
-        return lines + [("reconstructions", str(Path(self.cfg.train.out_dir) / "reconstructions.png")),
-                        ("tokenizer export", str(Path(self.cfg.train.out_dir) / self.export_file))]
+        keys = ("train/total_loss", "val/psnr", "val/lpips", "val/codebook_usage", "val/perplexity",
+                "codebook/usage", "codebook/perplexity", "codebook/dead_codes", "codebook/restarts")
+        out = Path(self.cfg.train.out_dir)
+        return [(k, f"{metrics[k]:.4f}") for k in keys if k in metrics] + [
+            ("reconstructions", str(out / "reconstructions.png")), ("code usage", str(out / "codebook_usage.png")),
+            ("tokenizer export", str(out / self.export_file))]
 
 
 class RFIDEvaluator:
@@ -251,3 +297,26 @@ class RFIDEvaluator:
 
     def close(self) -> list[Any]:
         return self.inner.close()
+
+
+def usage_plot(counts: np.ndarray, stats: dict[str, float]) -> np.ndarray:
+    """Sorted code-usage histogram over the health window as a uint8 (H, W, 3) picture: a healthy codebook is a
+    long flat curve, a collapsed one a few tall bars and a floor of unused codes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    order = np.sort(counts)[::-1]
+    fig, ax = plt.subplots(figsize=(6, 3), dpi=100)
+    colors = np.where(order > 0, "tab:blue", "lightgray")  # unused codes: a gray floor at 0.5
+    ax.bar(np.arange(len(order)), np.maximum(order, 0.5), width=1.0, color=colors)
+    ax.set_yscale("log")
+    ax.set_xlim(0, len(order))
+    ax.set_xlabel("code rank (most used first)")
+    ax.set_ylabel("uses in window")
+    ax.set_title(f"{stats['usage']:.1%} of {len(order)} codes used over {int(stats['window_steps'])} steps, "
+                 f"perplexity {stats['perplexity']:.1f}", fontsize=9)
+    fig.tight_layout()
+    fig.canvas.draw()
+    img = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return img

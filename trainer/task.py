@@ -93,6 +93,14 @@ class Task(Protocol):
         """Receive the engines (DeepSpeed's, or a plain reference) before the first micro-step."""
         ...
 
+    def on_start(self) -> None:
+        """Collective, once the engines are built and any checkpoint loaded, before the first step of this process
+        (stage 1: k-means codebook initialisation on a fresh run; the task's own state says whether it is due)."""
+        ...
+    def after_step(self, step: int) -> None:
+        """Collective, after optimizer step ``step`` (stage 1: dead-code restarts, the codebook-health window)."""
+        ...
+
     def tags(self) -> dict[str, str]:
         """Extra MLflow tags of the run (dataset index checksum, lineage hashes)."""
         ...
@@ -101,7 +109,8 @@ class Task(Protocol):
         ...
     def micro_step(self, batch: dict[str, Any], step: int) -> Optional[dict[str, "torch.Tensor"]]:
         """Forward, backward and step of every engine on one micro-batch; its metrics (0-d tensors, summed over
-        the accumulation by the Trainer and averaged), or None when the micro-batch was dropped on every rank."""
+        the accumulation by the Trainer and averaged), or None when the micro-batch was dropped on every rank
+        (then nothing of the task's state may have changed: statistics kept in the forward wait for the verdict)."""
         ...
     def engine_metrics(self) -> dict[str, float]:
         """Per-engine values after an optimizer step (learning rates, gradient norms), logged under train/."""

@@ -72,6 +72,7 @@ class Trainer:
         data_state = self.resume(resume) if resume else None
         self.stream = self.task.train_stream(data_state)
         self.batches = iter(self.stream)
+        self.task.on_start()
         self.tracker = make_tracker(
             rank=self.dist.rank, enabled=cfg.train.tracking, experiment=cfg.train.experiment,
             run_name=cfg.train.run_name or cfg.recipe, run_id=self.run_id if resume else None, tracking_uri=None,
@@ -227,6 +228,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 metrics, wait = self.train_step()
                 self.step += 1
+                self.task.after_step(self.step)
                 step_s = time.perf_counter() - t0
                 if self.should_log(self.step):
                     last = self.log(metrics, step_s, wait)

@@ -262,6 +262,8 @@ def test_discriminator_loss_lazy_r1_and_lecam() -> None:
     lecam8 = F.relu(lr - ema[1]).square().mean() + F.relu(ema[0] - lf).square().mean()
     assert m8["r1"].item() == pytest.approx(r1_hand.item(), rel=1e-5)
     assert l8.item() == pytest.approx((hinge + 0.5 * 2.0 * 4 * r1_hand + 0.5 * lecam8).item(), rel=1e-5)
+    assert not bool(loss.lecam_initialized)  # nothing stored until the micro-batch is known to be used
+    loss.commit()
     assert torch.allclose(loss.lecam_ema, ema)
     l8.backward()
     assert d.w.grad is not None
@@ -271,6 +273,10 @@ def test_discriminator_loss_lazy_r1_and_lecam() -> None:
     lf2 = (w * fake2 ** 2).flatten(1).sum(1) - 1
     l9, m9 = loss.discriminator_loss(x, fake2, d, step=9)
     ema2 = 0.9 * ema + 0.1 * torch.stack([lr.mean(), lf2.mean()])
+    loss.discard()  # a dropped micro-batch leaves the EMAs as they were
+    assert torch.allclose(loss.lecam_ema, ema)
+    l9, m9 = loss.discriminator_loss(x, fake2, d, step=9)
+    loss.commit()
     assert torch.allclose(loss.lecam_ema, ema2)
     hinge2 = 0.5 * (F.relu(1 - lr).mean() + F.relu(1 + lf2).mean())
     lecam9 = F.relu(lr - ema2[1]).square().mean() + F.relu(ema2[0] - lf2).square().mean()

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vitvq.configs import ConfigError, field_docs, from_dict
 from vitvq.models.quantizers import QuantizerConfig, build_quantizer
@@ -125,6 +126,7 @@ def test_one_ema_update_equals_hand_computation():
     rows = torch.tensor([[2.0, 0.0], [0.8, 0.2], [1.0, -0.5], [0.0, 3.0]])  # codes 0, 0, 0, 1
     z = rows.T.reshape(1, 2, 2, 2)
     out = q.train()(z)
+    q.commit()
     assert out.indices.reshape(-1).tolist() == [0, 0, 0, 1]
     # The lookup used the codebook before the update.
     old = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
@@ -148,6 +150,7 @@ def test_ema_update_with_l2_norm_renormalizes_from_normalized_inputs():
     w0, s0, n0 = cb.weight.double().numpy(), cb.embed_sum.double().numpy(), cb.cluster_size.double().numpy()
     z = torch.randn(2, 3, 3, 3)
     q.train()(z)
+    q.commit()
     x = to_rows(z)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     c = w0 / np.linalg.norm(w0, axis=1, keepdims=True)
@@ -189,7 +192,7 @@ def test_bf16_module_picks_codes_in_fp32():
         assert o32.indices.reshape(-1).tolist() == [1, 2] and torch.equal(o16.indices, o32.indices)
         assert o16.quantized.dtype == torch.bfloat16 and o16.loss.dtype == torch.float32
         if kind == "ema":  # EMA statistics stay fp32 under module.to(bf16)
-            assert all(b.dtype == torch.float32 for n, b in q16.codebook.named_buffers())
+            assert all(b.dtype == torch.float32 for n, b in q16.codebook.named_buffers() if b.is_floating_point())
     # Random l2-normalized case: bf16 module == fp32 module on the same bf16-representable values.
     torch.manual_seed(5)
     q32 = make(dim=8, kind="vq", codebook_size=64, code_dim=8, factorize=False).eval()
@@ -291,26 +294,50 @@ def test_dead_code_restart_replaces_exactly_the_dead_codes_with_batch_vectors():
         rows = torch.eye(4)[torch.arange(12) % 3] + 0.01 * torch.randn(12, 4, generator=g)
         return rows.T.reshape(1, 4, 3, 4)
 
-    q.set_step(1)
-    q(batch(0))
-    assert torch.equal(q.codebook.weight, init)  # not a restart step
+    def step(n: int, *seeds: int) -> int:  # one optimizer step of len(seeds) micro-batches
+        q.set_step(n)
+        for seed in seeds:
+            q(batch(seed))
+            q.commit()
+        return q.end_step(n)
+
+    assert step(1, 0) == 0 and torch.equal(q.codebook.weight, init)  # not a restart step
     q.set_step(2)
-    z2 = batch(1)
-    out = q(z2)
+    q(batch(1))
+    q.commit()
+    z2 = batch(2)
+    q(z2)  # second micro-batch of step 2 (gradient accumulation): its vectors fill the dead codes
+    q.commit()
+    assert q.end_step(2) == 5  # codes 3..7
     w = q.codebook.weight.detach()
     assert torch.equal(w[:3], init[:3])  # live codes untouched
     x2 = torch.from_numpy(to_rows(z2)).float()
-    for k in range(3, 8):  # each dead code is now one of this batch's vectors
+    for k in range(3, 8):  # each dead code is now one of the last micro-batch's vectors
         assert any(torch.equal(w[k], row) for row in x2), k
-    assert q.codebook.window_counts.sum() == 12  # window restarted with this step's counts only
-    assert out.indices.max() >= 3  # the new codes already serve this batch
+    assert q.codebook.window_counts.sum() == 0  # a new window starts after each check
+    assert q(batch(3)).indices.max() >= 3  # the new codes serve the next batch
+    q.discard()
     snapshot = w.clone()
-    q(batch(2))  # second micro-batch of step 2 (gradient accumulation): no second restart
-    q.set_step(3)
-    q(batch(3))
-    q.eval().set_step(4)
-    q(batch(4))  # eval mode never restarts
+    assert step(3, 3) == 0
+    q.eval()
+    q.set_step(4)
+    q(batch(4))
+    assert q.end_step(4) == 0  # eval mode never restarts
     assert torch.equal(q.codebook.weight, snapshot)
+
+
+def test_a_discarded_micro_batch_changes_no_statistics():
+    """EMA codes, cluster sizes and the restart window change only on commit (issue: a NaN micro-batch)."""
+    q = make(dim=4, kind="ema", codebook_size=8, code_dim=4, restart_dead_codes=True, restart_every=1).train()
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    q.set_step(1)
+    q(torch.randn(2, 4, 3, 3))
+    q.discard()
+    assert all(torch.equal(v, before[k]) for k, v in q.state_dict().items())
+    assert q.end_step(1) == 0  # nothing committed: no restart either
+    q(torch.randn(2, 4, 3, 3))
+    q.commit()
+    assert not torch.equal(q.codebook.embed_sum, before["codebook.embed_sum"])
 
 
 def test_restart_with_wrong_topology_fails_loudly():
@@ -319,9 +346,9 @@ def test_restart_with_wrong_topology_fails_loudly():
     q.set_all_reduce(lambda t: t.mul_(2))  # two ranks that both claim rank 0 of world size 1
     q.set_step(1)
     q(torch.randn(1, 4, 2, 2))
+    q.commit()
     with pytest.raises(RuntimeError, match="world_size"):
-        q.set_step(2)
-        q(torch.randn(1, 4, 2, 2))
+        q.end_step(1)
 
 
 def test_config_validation_and_docs():
@@ -354,3 +381,39 @@ def test_deepspeed_style_bf16_params_with_fp32_buffers(name, factorize):
     dec_out, q = tok(x)  # raised "mat1 and mat2 must have the same dtype" before the fix
     assert dec_out.dtype == torch.bfloat16
     assert tok.decode_codes(q.indices).dtype == torch.bfloat16
+
+
+def test_usage_window_matches_a_hand_count():
+    from vitvq.models.codebook import UsageWindow
+    w = UsageWindow(size=6, steps=3)
+    steps = [[0, 0, 1], [2], [2, 3, 3], [4], [4, 4]]  # codes used by each optimizer step (one micro-batch each)
+    for i, codes in enumerate(steps):
+        w.add(torch.bincount(torch.tensor(codes), minlength=6).float())
+        w.end_step(restarted=1 if i == 1 else 0)
+    # The window holds the last 3 steps: codes 2, 3, 3, 4, 4, 4 -> counts [0, 0, 1, 2, 3, 0].
+    s = w.stats()
+    p = np.array([1, 2, 3]) / 6
+    assert s["usage"] == pytest.approx(3 / 6) and s["dead_codes"] == 3 and s["window_steps"] == 3
+    assert s["perplexity"] == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-6)
+    assert s["restarts"] == 1
+    restored = UsageWindow(size=6, steps=3)
+    restored.load_state_dict(w.state_dict())
+    assert restored.stats() == s
+    with pytest.raises(ValueError, match="health_window"):
+        UsageWindow(size=6, steps=4).load_state_dict(w.state_dict())
+
+
+def test_kmeans_init_puts_one_code_on_each_cluster():
+    """Well-separated clusters: k-means++ plus Lloyd lands one code per cluster centre, and every code is used."""
+    from vitvq.models.codebook import code_stats
+    g = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(8, 16, generator=g), dim=-1)
+    x = F.normalize(centres[torch.arange(800) % 8] + 0.02 * torch.randn(800, 16, generator=g), dim=-1)
+    q = make(dim=16, kind="vq", codebook_size=8, code_dim=16, factorize=False, l2_norm=True, init="kmeans").train()
+    assert q.needs_init
+    q.init_codebooks(x, seed=1)
+    assert not q.needs_init
+    codes = q.codebook.codes()
+    dist = torch.cdist(centres, codes)  # (8 centres, 8 codes)
+    assert sorted(dist.argmin(1).tolist()) == list(range(8)) and dist.min(1).values.max() < 0.05
+    assert code_stats(torch.bincount(q.codebook.nearest(x), minlength=8))["usage"] == 1.0

@@ -33,6 +33,22 @@ SCENARIOS = {
 }
 
 
+KMEANS = {
+    "kmeans-vq": dict(kind="vq", codebook_size=12, code_dim=4, init="kmeans", kmeans_iters=5),
+    "kmeans-ema-raw": dict(kind="ema", codebook_size=12, code_dim=DIM, factorize=False, l2_norm=False,
+                           init="kmeans", kmeans_iters=5),
+    "kmeans-residual": dict(kind="residual", residual_depth=2, codebook_size=6, code_dim=DIM, factorize=False,
+                            l2_norm=False, init="kmeans", kmeans_iters=5),
+}
+
+
+def kmeans_points(rank: int, dim: int) -> torch.Tensor:
+    """(40, dim) lookup-space points, different on each rank: clusters around rank-specific centres."""
+    g = torch.Generator().manual_seed(100 + rank)
+    centres = torch.randn(6, dim, generator=g) * 3
+    return centres[torch.arange(40) % 6] + 0.1 * torch.randn(40, dim, generator=g)
+
+
 def build(name: str):
     torch.manual_seed(0)  # identical initial state on every rank and in the reference process
     q = build_quantizer(QuantizerConfig(**SCENARIOS[name]), DIM).train()
@@ -56,6 +72,8 @@ def run(q, batches, all_reduce=None, rank: int = 0, world_size: int = 1) -> dict
     for step, z in enumerate(batches, start=1):
         q.set_step(step)
         out = q(z)
+        q.commit()
+        q.end_step(step)
     return {"state": {k: v.clone() for k, v in q.state_dict().items()}, "stats": out.stats}
 
 
@@ -68,6 +86,12 @@ def worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
         quantizers[name] = build(name)
         results[name] = run(quantizers[name], [shard(s, rank) for s in range(1, STEPS + 1)],
                             lambda t: dist.all_reduce(t), rank, world_size)
+    for name, cfg in KMEANS.items():  # k-means init from different data on each rank
+        torch.manual_seed(0)
+        q = build_quantizer(QuantizerConfig(**cfg), DIM).train()
+        q.set_all_reduce(lambda t: dist.all_reduce(t), rank=rank, world_size=world_size)
+        q.init_codebooks(kmeans_points(rank, cfg["code_dim"]), seed=3)
+        results[name] = {"state": {k: v.clone() for k, v in q.state_dict().items()}}
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     if rank == 0:  # uneven eval loops (only rank 0 here) must not enter a collective, or this would hang
         with torch.no_grad():
@@ -104,8 +128,20 @@ def test_codebooks_identical_across_ranks_and_equal_to_single_process(tmp_path):
         assert ref["state"]["codebook.weight" if name != "residual-ema" else "levels.0.weight"].ne(
             build(name).state_dict()["codebook.weight" if name != "residual-ema" else "levels.0.weight"]).any()
 
+    # k-means: identical on both ranks, and equal to k-means of the union (rank order) in one process.
+    torch.set_num_threads(1)  # the workers' thread count: the same float reductions
+    for name, cfg in KMEANS.items():
+        for key, v in r0[name]["state"].items():
+            assert torch.equal(v, r1[name]["state"][key]), (name, key)
+        torch.manual_seed(0)
+        q = build_quantizer(QuantizerConfig(**cfg), DIM).train()
+        q.init_codebooks(torch.cat([kmeans_points(0, cfg["code_dim"]), kmeans_points(1, cfg["code_dim"])]), seed=3)
+        for key, v in q.state_dict().items():
+            torch.testing.assert_close(r0[name]["state"][key], v, atol=1e-6, rtol=0, msg=f"{name} {key}")
+        assert all(bool(cb.initialized) for cb in q.codebooks()) and not q.needs_init
+
     # Restart: the dead codes 4..7 now hold exact copies of encoder vectors of the step-3 shards (slot j from
-    # rank j % 2); the live codes 0..3 are untouched (no optimizer runs here).
+    # rank j % 2), written at the end of step 3; the live codes 0..3 are untouched (no optimizer runs here).
     w, w0 = r0["vq-restart"]["state"]["codebook.weight"], build("vq-restart").codebook.weight.detach()
     assert torch.equal(w[:4], w0[:4]) and not torch.equal(w[4:], w0[4:])
     for j, k in enumerate(range(4, 8)):  # the one restart (step 3) fills dead slots in index order

@@ -104,3 +104,12 @@ def test_two_rank_checkpoint_resumes_on_one_rank(straight: Path, tmp_path: Path,
     got = losses(out)
     assert all(got[s] == losses(straight)[s] for s in range(1, 9))  # history kept
     assert all(v == v and abs(v) < 1e3 for s in (9, 10) for v in got[s].values())  # finite and sane
+
+
+def test_a_resumed_run_does_not_initialise_the_codebook_again(tmp_path: Path, torchrun_env: dict) -> None:
+    out, km = tmp_path / "kmeans", ("model.quantizer.init=kmeans", "model.quantizer.kmeans_points=256")
+    res = launch(out, torchrun_env, 1, *km, fault="step@6", check=False)
+    assert res.returncode != 0 and "codebook initialised by k-means on 256 lookup vectors" in res.stdout
+    res = launch(out, torchrun_env, 1, *km)  # resumes at step 4: the initialised codebook is in the checkpoint
+    assert "codebook initialised" not in res.stdout
+    assert json.loads((out / "checkpoints" / latest(out) / "meta.json").read_text())["step"] == 8

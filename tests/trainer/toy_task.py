@@ -81,6 +81,12 @@ class ToyTask:
     def attach(self, engines: dict[str, Any]) -> None:
         self.engines = engines
 
+    def on_start(self) -> None:
+        pass
+
+    def after_step(self, step: int) -> None:
+        pass
+
     def tags(self) -> dict[str, str]:
         return {"toy": "yes"}
 
