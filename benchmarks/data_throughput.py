@@ -23,7 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 import torch
 
 from vitvq.data import DataConfig, build_train_stream

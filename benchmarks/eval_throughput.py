@@ -20,7 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 import torch
 
 from vitvq.evaluation.inception import InceptionWeightsError, resolve_inception_weights

@@ -26,7 +26,6 @@ import time
 import warnings
 from pathlib import Path
 
-
 import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode

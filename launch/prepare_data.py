@@ -19,7 +19,6 @@ import re
 import time
 from pathlib import Path
 
-
 from vitvq.data.shards import WriteOptions, write_shards
 from vitvq.data.sources import list_ffhq, list_folder, list_imagenet
 

@@ -37,6 +37,21 @@ def make_launch_env():
     return launch_env
 
 
+@pytest.fixture(scope="session")
+def run_on_two_ranks():
+    """``run_on_two_ranks(worker, out, *args)``: ``torchrun --nproc_per_node 2 worker --out out *args``, asserting
+    success (the output tail in the message otherwise)."""
+    import subprocess
+    import sys
+
+    def run(worker: Path, out: Path, *args: str, timeout: int = 900) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+               "--out", str(out), *args]
+        res = subprocess.run(cmd, env=launch_env(out), capture_output=True, text=True, timeout=timeout)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    return run
+
+
 PHOTO_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 

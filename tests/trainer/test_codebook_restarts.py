@@ -8,8 +8,6 @@ as [0.599, -1.555, -0.341, 1.853] under ZeRO-2 before the fix). Every configurat
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,12 +18,9 @@ CONFIGS = ("0:fp32", "1:fp32", "1:bf16", "2:fp32", "2:bf16")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, make_launch_env) -> Path:
+def runs(tmp_path_factory: pytest.TempPathFactory, run_on_two_ranks) -> Path:
     out = tmp_path_factory.mktemp("restarts")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-           "--out", str(out), *CONFIGS]
-    res = subprocess.run(cmd, env=make_launch_env(out), capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    run_on_two_ranks(WORKER, out, *CONFIGS)
     return out
 
 

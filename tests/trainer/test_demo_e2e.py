@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parents[2]
 TRAIN_METRICS = ("train/total_loss", "train/rec_loss", "train/perceptual_loss", "train/quant_loss", "train/g_loss",
                  "train/disc_loss", "train/d_weight", "train/codebook_usage", "train/perplexity", "train/lr",
                  "train/grad_norm_g", "train/grad_norm_d", "perf/images_per_s", "perf/data_wait_frac", "perf/step_s",
-                 "data/skipped_samples")
-VAL_METRICS = ("val/l1", "val/psnr", "val/lpips", "val/codebook_usage")
+                 "data/skipped_samples", "codebook/usage", "codebook/perplexity", "codebook/dead_codes",
+                 "codebook/restarts")
+VAL_METRICS = ("val/l1", "val/psnr", "val/lpips", "val/codebook_usage", "val/perplexity")
 OFFLINE = ["loss.lpips_pretrained_backbone=false"]  # no LPIPS trunk download on CI machines
 
 
@@ -70,6 +71,15 @@ def test_demo_run_records_everything_in_mlflow(demo_run) -> None:
 
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     assert "images/reconstructions_step0000000.png" in images and "images/reconstructions_step0000006.png" in images
+    assert "images/codebook_usage_step0000006.png" in images and (out / "codebook_usage.png").is_file()
+
+    # Codebook health. Before k-means init and restarts this command measured val usage 10.5% at step 0 and 4.7%
+    # at step 6 (2 validation batches: 2048 tokens for 512 codes), and the full demo collapsed to 2%. k-means
+    # gave 61% at step 0 and 15% at step 6 (the first restart comes at step 10): thresholds at 4x and 2x today's.
+    usage = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/codebook_usage")}
+    assert usage[0] >= 0.45 and usage[6] >= 0.10, usage
+    window = client.get_metric_history(run.info.run_id, "codebook/usage")[-1].value  # the last 6 steps' codes
+    assert window >= 0.8, window
     exported = [a.path for a in client.list_artifacts(run.info.run_id, "export")]
     assert exported == ["export/tokenizer.pt"]
 
