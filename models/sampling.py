@@ -1,0 +1,116 @@
+"""Sampling from the stage-2 prior: KV-cached decoding with classifier-free guidance, temperature, top-k, top-p.
+
+``generate`` decodes all ``grid**2`` tokens of a batch. With guidance the batch runs doubled as
+``[cond; null]`` and each step mixes ``uncond + s * (cond - uncond)`` on the raw logits, before temperature,
+top-k and top-p (as LlamaGen's ``generate.py``); the sampled token is fed to both halves. Every row draws its
+randomness from its own ``torch.Generator``, one uniform per token, by inverting the CDF of its own filtered
+distribution, so a sample depends on its generator and its logits only, never on the batch it is in.
+
+``use_cache=False`` reruns the whole prefix at every step (no cache): the baseline of
+``benchmarks/sample_prior.py`` and the reference of the cache-equivalence tests.
+
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(labels))]
+    tokens = generate(model, labels, cfg_scale=2.0, temperature=1.0, top_k=100, generators=gens)  # (B, N)
+    images = tokenizer.to_image(tokenizer.decode_codes(tokens.view(-1, grid, grid)))
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Sequence
+
+import torch
+
+from vitvq.models.prior import Prior
+
+CfgSchedule = Literal["constant", "linear"]
+
+
+def cfg_scales(schedule: CfgSchedule, scale: float, n: int) -> list[float]:
+    """Guidance scale per token: ``constant`` = ``scale`` everywhere; ``linear`` ramps from 1 at the first token
+    (no guidance) to ``scale`` at the last, ``s_t = 1 + (scale - 1) * t / (n - 1)`` (``scale`` when n = 1)."""
+    if schedule == "constant":
+        return [float(scale)] * n
+    if schedule == "linear":
+        return [float(scale) if n == 1 else 1.0 + (scale - 1.0) * t / (n - 1) for t in range(n)]
+    raise ValueError(f"cfg_schedule must be 'constant' or 'linear', got {schedule!r}")
+
+
+def sample_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  generators: Optional[Sequence[torch.Generator]] = None) -> torch.Tensor:
+    """One token per row of logits (B, V) -> (B,) int64. ``temperature = 0`` is greedy (argmax, no randomness).
+
+    Otherwise: logits / temperature, keep the ``top_k`` largest (0 = all), then the smallest set of most likely
+    tokens whose probability reaches ``top_p`` (1 = all; Holtzman et al.), renormalise, and take the token
+    where row i's uniform from ``generators[i]`` falls in the CDF."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    B, V = logits.shape
+    if generators is None or len(generators) != B:
+        raise ValueError(f"sampling needs one torch.Generator per row: {B} rows, "
+                         f"{'no' if generators is None else len(generators)} generators")
+    logits = logits.float() / temperature
+    if 0 < top_k < V:
+        vals, idx = logits.topk(top_k, dim=-1)  # (B, k), sorted descending
+    elif top_p < 1.0:
+        vals, idx = logits.sort(dim=-1, descending=True)
+    else:
+        vals, idx = logits, None
+    probs = vals.softmax(-1)
+    if top_p < 1.0:  # vals are sorted here: drop a token once the mass before it already reaches top_p
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
+    if idx is not None:  # back to vocabulary order: two nearly tied logits that swap places in the sorted order
+        # (float noise across batch sizes) then move the CDF by that noise only, not by their whole probability.
+        probs = torch.zeros_like(logits).scatter_(-1, idx, probs)  # (B, V)
+    cdf = probs.cumsum(-1)  # unnormalised: the uniform is scaled by the row's total instead
+    u = torch.stack([torch.rand((), generator=g, device=g.device) for g in generators]).to(cdf.device)  # (B,)
+    total = cdf[:, -1:]  # (B, 1)
+    x = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))  # u * total < total
+    # right=True: the first index whose CDF exceeds x, which is never a zero-probability token.
+    j = torch.searchsorted(cdf, x, right=True)  # (B, 1)
+    return j[:, 0]
+
+
+@torch.no_grad()
+def generate(model: Prior, labels: torch.Tensor, *, cfg_scale: float = 1.0, cfg_schedule: CfgSchedule = "constant",
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             generators: Optional[Sequence[torch.Generator]] = None, use_cache: bool = True,
+             return_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Sample (B, grid**2) token grids in raster order for labels (B,) (unconditional model: all ``null_class``).
+
+    Guidance is on unless every token's scale is 1: then the plain conditional batch runs (exactly conditional
+    sampling, and half the work). ``return_logits`` also returns the guided logits each token was
+    drawn from (B, N, vocab), before temperature and filtering. The model runs in eval mode (no dropout) and is
+    put back in its mode afterwards."""
+    cfg = model.cfg
+    B, N = labels.shape[0], cfg.seq_len
+    scales = cfg_scales(cfg_schedule, cfg_scale, N)
+    guided = any(s != 1.0 for s in scales)
+    if guided and cfg.num_classes == 0:
+        raise ValueError("classifier-free guidance needs a class-conditional prior (cfg.num_classes > 0)")
+    cond = torch.cat([labels, torch.full_like(labels, cfg.null_class)]) if guided else labels  # (B or 2B,)
+    rows = cond.shape[0]
+    tokens = torch.zeros(rows, N, dtype=torch.long, device=labels.device)  # both halves hold the same tokens
+    all_logits = [] if return_logits else None
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_cache(rows) if use_cache else None
+        for t in range(N):
+            if use_cache:
+                logits = model.prefill(cache, cond) if t == 0 else model.decode(cache, tokens[:, t - 1:t])[:, 0]
+            else:
+                logits = model.next_logits(tokens[:, :t], cond)  # the whole prefix again
+            if guided:  # (2B, V) -> (B, V)
+                c, u = logits.chunk(2)
+                logits = u + scales[t] * (c - u)
+            if all_logits is not None:
+                all_logits.append(logits)
+            nxt = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generators=generators)
+            tokens[:, t] = nxt.repeat(rows // B)
+    finally:
+        model.train(was_training)
+    out = tokens[:B]
+    return (out, torch.stack(all_logits, dim=1)) if all_logits is not None else out
+
+
+__all__ = ["generate", "sample_logits", "cfg_scales"]
