@@ -32,7 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vitvq.configs import check, from_dict, to_dict
+from vitvq.configs import check, from_dict
+from vitvq.models.export import read_export, write_export
 
 EXPORT_FORMAT = "vitvq-prior/1"
 
@@ -355,25 +356,12 @@ class Prior(nn.Module):
 
     # -- export -----------------------------------------------------------------------------------
     def save_export(self, path: str | Path, extra: Optional[dict[str, Any]] = None) -> Path:
-        """One file with fp32 weights and the config (the format of ``Tokenizer.save_export``)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().float().cpu() for k, v in self.state_dict().items()}
-        payload = {"format": EXPORT_FORMAT, "config": to_dict(self.cfg), "state_dict": state,
-                   "extra": dict(extra or {})}
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(payload, tmp)
-        tmp.replace(path)  # atomic: a crash never leaves a half-written export under the final name
-        return path
+        """One file with fp32 weights and the config (``models/export.py``, the tokenizer's format too)."""
+        return write_export(path, EXPORT_FORMAT, self.cfg, self, extra)
 
     @classmethod
     def load_export(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "Prior":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"prior export {path} not found")
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-        if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
-            raise ValueError(f"{path} is not a vitvq prior export (expected format {EXPORT_FORMAT!r})")
+        payload = read_export(path, EXPORT_FORMAT, "prior", map_location=map_location)
         model = cls(from_dict(PriorConfig, payload["config"]))
         model.load_state_dict(payload["state_dict"], strict=True)
         model.export_extra = payload.get("extra", {})

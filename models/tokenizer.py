@@ -21,8 +21,9 @@ from typing import Any, Callable, ClassVar, Literal, Optional
 import torch
 import torch.nn as nn
 
+from vitvq.configs import check, from_dict
 from vitvq.models.cnn import CNNConfig, CNNDecoder, CNNEncoder
-from vitvq.configs import check, from_dict, to_dict
+from vitvq.models.export import read_export, write_export
 from vitvq.models.logit_laplace import decoder_output_to_image
 from vitvq.models.quantizers import QuantizerConfig, QuantizerOutput, build_quantizer
 from vitvq.models.vit import ViTConfig, ViTDecoder, ViTEncoder
@@ -165,25 +166,12 @@ class Tokenizer(nn.Module):
     # -- export ---------------------------------------------------------------------------------
     def save_export(self, path: str | Path, extra: Optional[dict[str, Any]] = None) -> Path:
         """One file with fp32 weights and the config; ``extra`` holds provenance (step, run id, config hash)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
-                 for k, v in self.state_dict().items()}
-        payload = {"format": EXPORT_FORMAT, "config": to_dict(self.cfg), "state_dict": state, "extra": dict(extra or {})}
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(payload, tmp)
-        tmp.replace(path)  # atomic: a crash never leaves a half-written export under the final name
-        return path
+        return write_export(path, EXPORT_FORMAT, self.cfg, self, extra)
 
     @classmethod
     def load_export(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "Tokenizer":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer export {path} not found; write one with "
-                                    f"`python launch/export_tokenizer.py --run-dir RUN_DIR --out {path}`")
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-        if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
-            raise ValueError(f"{path} is not a vitvq tokenizer export (expected format {EXPORT_FORMAT!r})")
+        payload = read_export(path, EXPORT_FORMAT, "tokenizer", "; write one with `python launch/export_tokenizer.py "
+                              f"--run-dir RUN_DIR --out {path}`", map_location)
         model = cls(from_dict(TokenizerConfig, payload["config"]))
         model.load_state_dict(payload["state_dict"], strict=True)
         model.export_extra = payload.get("extra", {})
