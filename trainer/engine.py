@@ -74,6 +74,14 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group together: a gloo rank torn down by the interpreter's exit while its peer still
+    talks to it can abort ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True if ``flag`` is true on any rank, so that every rank takes the same branch around collectives."""
     t = torch.tensor([1.0 if flag else 0.0], device=device)

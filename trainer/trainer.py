@@ -23,7 +23,7 @@ from tqdm import tqdm
 from vitvq.configs import flatten, to_dict
 from vitvq.trainer.checkpoint import CheckpointManager, maybe_fault, set_rng_state
 from vitvq.trainer.config import config_hash
-from vitvq.trainer.engine import all_reduce_sum, barrier, build_engine, init_distributed
+from vitvq.trainer.engine import all_reduce_sum, barrier, build_engine, init_distributed, shutdown_distributed
 from vitvq.trainer.export import export_checkpoint
 from vitvq.trainer.parallelize import parallelize
 from vitvq.trainer.task import Every, Task, stage_classes
@@ -276,4 +276,6 @@ def train(cfg: Any, task_cls: Optional[type] = None) -> dict[str, Any]:
     The task comes from ``cfg.stage`` through ``trainer.task.STAGES`` unless ``task_cls`` is given."""
     trainer = Trainer(cfg, task_cls)
     trainer.build()
-    return trainer.fit()
+    result = trainer.fit()
+    shutdown_distributed()  # a later train() in this process (a Ray restart) joins a new group
+    return result
