@@ -11,10 +11,10 @@ import argparse
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param
 
 from vitvq.trainer.config import load_stage1_config
+from vitvq.trainer.engine import shutdown_distributed
 from vitvq.trainer.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,10 +48,7 @@ def main() -> None:
             torch.save({"params": masters, "buffers": buffers,
                         "module_dtype": str(next(gen.parameters()).dtype)}, out / "masters.pt")
         trainer.tracker.close()
-    # Leave the process group before the interpreter exits: a gloo rank torn down at exit while its peer still
-    # talks to it aborted ("terminate called without an active exception") in about 2 of 100 launches.
-    dist.barrier()
-    dist.destroy_process_group()
+    shutdown_distributed()  # leave together, not in the interpreter's teardown
 
 
 if __name__ == "__main__":

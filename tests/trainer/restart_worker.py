@@ -16,7 +16,7 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
 from vitvq.trainer.config import load_stage1_config
-from vitvq.trainer.engine import _link_optimizer_states
+from vitvq.trainer.engine import _link_optimizer_states, shutdown_distributed
 from vitvq.trainer.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,10 +71,7 @@ def main() -> None:
                         "module_after_restart": module_after_restart, "after_step": after_step,
                         "ranks": every, "lr": gen.get_lr()[0]}, Path(args.out) / f"{spec.replace(':', '_')}.pt")
         trainer.tracker.close()
-    # Leave the process group before the interpreter exits: a gloo rank torn down at exit while its peer still
-    # talks to it aborted ("terminate called without an active exception") in about 2 of 100 launches.
-    dist.barrier()
-    dist.destroy_process_group()
+    shutdown_distributed()  # leave together, not in the interpreter's teardown
 
 
 if __name__ == "__main__":
