@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
-from typing import Any
+from typing import Any, Optional
 
 from vitvq.configs import ConfigError
 from vitvq.trainer.config import C, load_job_config
@@ -33,3 +34,17 @@ def print_summary(result: dict[str, Any]) -> None:
         uri = result.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
         print(f"  MLflow run             {result['run_id']}")
         print(f"  see it with:           mlflow ui --backend-store-uri {uri}")
+
+
+def launch(cls: type, description: str, example: str, argv: Optional[list[str]] = None) -> dict[str, Any]:
+    """The body of every training launcher: ``--config`` + dotted overrides -> ``train(cfg)`` -> the summary."""
+    from vitvq.trainer.trainer import train
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help=f"recipe YAML, e.g. {example}")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100")
+    args, unknown = parser.parse_known_args(argv)
+    cfg = parse_config(cls, args.config, args.overrides + unknown)
+    result = train(cfg)
+    print_summary(result)
+    return result
