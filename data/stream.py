@@ -14,6 +14,10 @@ out round-robin. Every batch carries its index and its count of skipped samples;
 advances the state only when the consumer receives a batch, so batches prefetched by workers but never
 consumed are produced again after a restore, and ``stream.skipped`` counts what the workers met.
 Every rank consumes the same number of batches, so the state of any rank restores every rank.
+
+Nothing here is specific to images but ``Decode`` and the two small functions that turn decoded samples into a
+batch (``collate``, in the worker) and that batch into what the caller sees (``finish``, in the training process):
+``data/tokens.py`` passes its own three to read stage-2 token shards through the same cursor and state.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import math
 from dataclasses import dataclass
 from functools import partial
 from itertools import islice
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -61,15 +65,23 @@ class Decode:
         return load_crop(data, self.size, box, flip), label, key
 
 
+Collate = Callable[[list, dict[str, Any]], dict[str, Any]]  # decoded samples + extra fields -> raw batch (worker)
+Finish = Callable[[dict[str, Any]], dict[str, Any]]  # raw batch -> the batch the caller sees (training process)
+
+
 def _collate(chunk: list, extra: dict[str, Any]) -> dict[str, Any]:
     images, labels, keys = zip(*chunk)
     return {"image": torch.stack(images), "label": torch.tensor(labels, dtype=torch.long),  # (B, 3, S, S) uint8
             "key": list(keys), **extra}
 
 
+def _finish_images(raw: dict[str, Any], pixel_range: str) -> dict[str, Any]:
+    return {"image": to_float(raw["image"], pixel_range), "label": raw["label"], "key": raw["key"]}
+
+
 class _TrainData(IterableDataset):
-    def __init__(self, cursor: Cursor, decode: Decode, start: int):
-        self.cursor, self.decode, self.start = cursor, decode, start
+    def __init__(self, cursor: Cursor, decode: Callable, start: int, collate: Collate = _collate):
+        self.cursor, self.decode, self.start, self.collate = cursor, decode, start, collate
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -78,16 +90,18 @@ class _TrainData(IterableDataset):
         samples = self.cursor.samples(c % W, c // W, self.decode)
         while True:
             chunk = list(islice(samples, B))
-            yield _collate([d for d, _ in chunk], {"index": c, "skipped": sum(b for _, b in chunk)})
+            yield self.collate([d for d, _ in chunk], {"index": c, "skipped": sum(b for _, b in chunk)})
             c += W
 
 
 class TrainStream:
-    """Endless iterable of training batches {"image": float (B,3,H,W), "label": long (B,), "key": list[str]}."""
+    """Endless iterable of training batches: ``finish(collate(decoded samples))``; for images (``build_train_stream``)
+    {"image": float (B,3,H,W), "label": long (B,), "key": list[str]}."""
 
-    def __init__(self, cursor: Cursor, decode: Decode, num_workers: int, pixel_range: str, num_classes: int):
-        self.cursor, self.decode, self.num_workers, self.pixel_range = cursor, decode, num_workers, pixel_range
-        self.num_classes = num_classes
+    def __init__(self, cursor: Cursor, decode: Callable, num_workers: int, num_classes: int, *, finish: Finish,
+                 collate: Collate = _collate):
+        self.cursor, self.decode, self.num_workers, self.num_classes = cursor, decode, num_workers, num_classes
+        self.finish, self.collate = finish, collate
         self.batches = 0  # consumed by the caller, since the start of training
         self.skipped = 0  # bad samples met in the consumed batches (workers included)
 
@@ -107,14 +121,14 @@ class TrainStream:
         return self.batches // self.batches_per_epoch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        data = _TrainData(self.cursor, self.decode, self.batches)
+        data = _TrainData(self.cursor, self.decode, self.batches, self.collate)
         it = iter(DataLoader(data, batch_size=None, num_workers=self.num_workers)) if self.num_workers else iter(data)
         for raw in it:
             if raw["index"] != self.batches:  # the round-robin order this design relies on was broken
                 raise RuntimeError(f"data loader delivered batch {raw['index']}, expected {self.batches}")
             self.batches += 1
             self.skipped += raw["skipped"]
-            yield {"image": to_float(raw["image"], self.pixel_range), "label": raw["label"], "key": raw["key"]}
+            yield self.finish(raw)
 
     def _fingerprint(self) -> dict[str, Any]:
         c = self.cursor
@@ -155,29 +169,31 @@ class TrainStream:
                     "samples of this epoch may repeat or be missed)", changed, state["epoch"], inside)
 
 
-def build_train_stream(cfg: DataConfig, *, batch_size: int, rank: int, world_size: int, seed: int,
-                       state: Optional[dict] = None, epoch: int = 0, shards: Optional[str] = None) -> TrainStream:
-    """The training stream of ``rank`` of ``world_size``; refuses unusable shard lists before training.
-    ``shards`` is the resolved spec (``shard_spec(cfg, "train")``, the default) for callers that hold it already."""
+def checked_cursor(shards: ShardList, cfg: Any, *, batch_size: int, rank: int, world_size: int, seed: int,
+                   field: str = "data.train_shards", more_shards: str = "write more, smaller shards "
+                   "(launch/prepare_data.py --shard-size)") -> Cursor:
+    """The sample cursor of ``rank``, refusing shard lists that cannot feed every rank and worker before training.
+    ``cfg`` has ``mode``, ``streams`` and ``shuffle_buffer``; ``field`` (``section.name``) is named in the errors."""
     if not 0 <= rank < world_size or batch_size < 1:
         raise ValueError(f"need 0 <= rank < world_size and batch_size >= 1 (got {rank}, {world_size}, {batch_size})")
-    spec = shards if shards is not None else shard_spec(cfg, "train")
-    shards = resolve_shards(spec, cfg.index, what="data.train_shards")
+    section = field.split(".")[0]
     slots = world_size * cfg.streams
     if shards.total == 0:
-        raise ShardError(f"data.train_shards={spec!r} holds no samples")
+        raise ShardError(f"{field}={shards.spec!r} holds no samples")
     if cfg.mode == "epoch" and len(shards.urls) < slots:
         raise ShardError(
-            f"data.train_shards has {len(shards.urls)} shards but epoch mode needs at least world_size x "
-            f"num_workers = {world_size} x {cfg.streams} = {slots}: write more, smaller shards "
-            "(launch/prepare_data.py --shard-size), lower data.num_workers, or set data.mode=resampled")
+            f"{field} has {len(shards.urls)} shards but epoch mode needs at least world_size x "
+            f"num_workers = {world_size} x {cfg.streams} = {slots}: {more_shards}, lower {section}.num_workers, "
+            f"or set {section}.mode=resampled")
     if shards.total < slots * batch_size:
         raise ShardError(f"{shards.total} samples cannot give one batch of {batch_size} to each of {slots} "
-                         "streams (world_size x num_workers): lower the batch size or data.num_workers")
-    cursor = Cursor(shards.urls, shards.counts, cfg.mode, rank, world_size, cfg.streams, batch_size, seed,
-                    cfg.shuffle_buffer)
-    decode = Decode(cfg.image_size, True, cfg.transform, tuple(cfg.crop_scale), cfg.flip)
-    stream = TrainStream(cursor, decode, cfg.num_workers, cfg.pixel_range, shards.num_classes)
+                         f"streams (world_size x num_workers): lower the batch size or {section}.num_workers")
+    return Cursor(shards.urls, shards.counts, cfg.mode, rank, world_size, cfg.streams, batch_size, seed,
+                  cfg.shuffle_buffer)
+
+
+def start_stream(stream: TrainStream, state: Optional[dict], epoch: int = 0) -> TrainStream:
+    """Position a new stream: restored from ``state``, else at the start of ``epoch``."""
     if state is not None:
         stream.load_state_dict(state)
     else:
@@ -185,9 +201,23 @@ def build_train_stream(cfg: DataConfig, *, batch_size: int, rank: int, world_siz
     return stream
 
 
+def build_train_stream(cfg: DataConfig, *, batch_size: int, rank: int, world_size: int, seed: int,
+                       state: Optional[dict] = None, epoch: int = 0, shards: Optional[str] = None) -> TrainStream:
+    """The training stream of ``rank`` of ``world_size``; refuses unusable shard lists before training.
+    ``shards`` is the resolved spec (``shard_spec(cfg, "train")``, the default) for callers that hold it already."""
+    spec = shards if shards is not None else shard_spec(cfg, "train")
+    listed = resolve_shards(spec, cfg.index, what="data.train_shards")
+    cursor = checked_cursor(listed, cfg, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)
+    decode = Decode(cfg.image_size, True, cfg.transform, tuple(cfg.crop_scale), cfg.flip)
+    stream = TrainStream(cursor, decode, cfg.num_workers, listed.num_classes,
+                         finish=partial(_finish_images, pixel_range=cfg.pixel_range))
+    return start_stream(stream, state, epoch)
+
+
 class _EvalData(IterableDataset):
-    def __init__(self, shards: ShardList, ranges: list[tuple[int, int]], decode: Decode, batch_size: int):
-        self.shards, self.ranges, self.decode, self.batch_size = shards, ranges, decode, batch_size
+    def __init__(self, shards: ShardList, ranges: list[tuple[int, int]], decode: Callable, batch_size: int,
+                 collate: Collate = _collate):
+        self.shards, self.ranges, self.decode, self.batch_size, self.collate = shards, ranges, decode, batch_size, collate
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -201,24 +231,25 @@ class _EvalData(IterableDataset):
                 bad += 1
                 log.warning("skipping bad eval sample %s: %r", (sample or {}).get("__key__"), exn)
             if len(chunk) == self.batch_size:
-                yield _collate(chunk, {"skipped": bad})
+                yield self.collate(chunk, {"skipped": bad})
                 chunk, bad = [], 0
         if chunk or bad:
-            yield _collate(chunk, {"skipped": bad}) if chunk else {"image": None, "skipped": bad}
+            yield self.collate(chunk, {"skipped": bad}) if chunk else {"skipped": bad}  # no "key": nothing to yield
 
 
 class EvalLoader:
-    """Batches {"image", "label", "key"} of this rank's share: every sample exactly once over all ranks."""
+    """Batches ``finish(collate(decoded samples))`` of this rank's share (images: {"image", "label", "key"}): every
+    sample exactly once over all ranks."""
 
-    def __init__(self, shards: ShardList, decode: Decode, batch_size: int, rank: int, world_size: int,
-                 num_workers: int, pixel_range: str):
+    def __init__(self, shards: ShardList, decode: Callable, batch_size: int, rank: int, world_size: int,
+                 num_workers: int, *, finish: Finish, collate: Collate = _collate):
         total = shards.total
         a, b = rank * total // world_size, (rank + 1) * total // world_size  # shares differ by <= 1 sample
         self.num_samples = b - a
         streams = max(1, min(num_workers, self.num_samples))
         self.ranges = [(a + w * (b - a) // streams, a + (w + 1) * (b - a) // streams) for w in range(streams)]
-        self.data = _EvalData(shards, self.ranges, decode, batch_size)
-        self.num_workers, self.pixel_range, self.batch_size = (streams if num_workers else 0), pixel_range, batch_size
+        self.data = _EvalData(shards, self.ranges, decode, batch_size, collate)
+        self.num_workers, self.finish, self.batch_size = (streams if num_workers else 0), finish, batch_size
         self.skipped = 0
 
     def __len__(self) -> int:
@@ -229,8 +260,8 @@ class EvalLoader:
         it = DataLoader(self.data, batch_size=None, num_workers=self.num_workers) if self.num_workers else self.data
         for raw in it:
             self.skipped += raw["skipped"]
-            if raw["image"] is not None:
-                yield {"image": to_float(raw["image"], self.pixel_range), "label": raw["label"], "key": raw["key"]}
+            if "key" in raw:
+                yield self.finish(raw)
 
 
 def build_eval_loader(shards: str, *, image_size: int, batch_size: int, rank: int, world_size: int,
@@ -241,7 +272,9 @@ def build_eval_loader(shards: str, *, image_size: int, batch_size: int, rank: in
     listed = resolve_shards(shards, index, what="data.val_shards")
     if listed.total == 0:
         raise ShardError(f"data.val_shards={shards!r} holds no samples")
-    return EvalLoader(listed, Decode(image_size, train=False), batch_size, rank, world_size, num_workers, pixel_range)
+    return EvalLoader(listed, Decode(image_size, train=False), batch_size, rank, world_size, num_workers,
+                      finish=partial(_finish_images, pixel_range=pixel_range))
 
 
-__all__ = ["TrainStream", "EvalLoader", "build_train_stream", "build_eval_loader", "Decode"]
+__all__ = ["TrainStream", "EvalLoader", "build_train_stream", "build_eval_loader", "Decode", "checked_cursor",
+           "start_stream"]

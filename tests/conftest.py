@@ -88,3 +88,49 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real photographs not found at {SHARED_DATA} (../shared/data beside the checkout)")
     return SHARED_DATA
+
+
+def _tokens_for(root: Path, tokenizer, image_size: int, limit: dict, extra: dict | None = None) -> dict:
+    """Export ``tokenizer`` into ``root`` and encode the built-in demo photographs at ``image_size`` with it (the
+    first ``limit[split]`` samples of each split, None for all): the stage-2 tests' real tokens."""
+    from vitvq.data import encode_tokens, ensure_demo_shards
+    from vitvq.data.shards import sha256_file
+    path = tokenizer.save_export(root / "tokenizer.pt", extra)
+    out = {"tokenizer": str(path), "tokenizer_sha256": sha256_file(path)}
+    for split in ("train", "val"):
+        shards = str(ensure_demo_shards("~/.cache/vitvq/demo", image_size, split))
+        out[split] = encode_tokens(path, shards, root / "tokens", split=split, limit=limit[split],
+                                   progress=False)["index_path"]
+    return out
+
+
+@pytest.fixture(scope="session")
+def stage2_data(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Tokens of every demo photograph (32 px) from an untrained debug tokenizer (64 codes, 4x4 grid), as
+    configs/stage2/debug.yaml expects: {"tokenizer", "tokenizer_sha256", "train", "val"} (paths as str)."""
+    import torch
+
+    from vitvq.configs import from_dict
+    from vitvq.models.tokenizer import Tokenizer, TokenizerConfig
+    torch.manual_seed(0)
+    return _tokens_for(tmp_path_factory.mktemp("stage2"), Tokenizer(from_dict(TokenizerConfig, "debug")), 32,
+                       {"train": None, "val": None})
+
+
+@pytest.fixture(scope="session")
+def stage2_demo_data(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Tokens of the demo photographs (64 px, 512 train and 128 val) from an untrained tokenizer of the stage-1
+    demo recipe's shape (512 codes, 8x8 grid), whose export names a stage-1 MLflow run in the store at
+    ``mlflow_dir`` (``launch_env(mlflow_dir)`` points there): configs/stage2/demo.yaml's inputs."""
+    import torch
+
+    from vitvq.models.tokenizer import Tokenizer
+    from vitvq.trainer.config import load_stage1_config
+    from vitvq.trainer.tracking import MLflowTracker
+    root = tmp_path_factory.mktemp("stage2-demo")
+    stage1 = MLflowTracker("vitvq-stage1", run_name="demo", tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    stage1.close()
+    torch.manual_seed(0)
+    cfg = load_stage1_config(ROOT / "configs/stage1/demo.yaml")
+    data = _tokens_for(root, Tokenizer(cfg.model), 64, {"train": 512, "val": 128}, {"mlflow_run_id": stage1.run_id})
+    return {**data, "mlflow_dir": root, "stage1_run_id": stage1.run_id}

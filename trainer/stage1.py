@@ -97,6 +97,9 @@ class Stage1Task:
     def tags(self) -> dict[str, str]:
         return {"dataset_index_sha256": index_checksum(self.shards("train"), self.cfg.data.index) or "none"}
 
+    def linked_runs(self, run_id: str) -> dict[str, dict[str, str]]:
+        return {}
+
     def state_dict(self) -> dict:
         return {"loss": self.loss.state_dict(), "codebook_health": self.health.state_dict()}  # LeCam EMAs: loss
 

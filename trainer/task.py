@@ -104,6 +104,10 @@ class Task(Protocol):
     def tags(self) -> dict[str, str]:
         """Extra MLflow tags of the run (dataset index checksum, lineage hashes)."""
         ...
+    def linked_runs(self, run_id: str) -> dict[str, dict[str, str]]:
+        """Tags to set on the runs this one builds on, by their MLflow run id, linking back to ``run_id``
+        (stage 2: the tokenizer's stage-1 run gets ``prior_run.<run_id>``)."""
+        ...
     def train_stream(self, state: Optional[dict[str, Any]]) -> Stream:
         """This rank's training stream, at ``state`` (None: the start)."""
         ...
@@ -146,7 +150,12 @@ def _stage1() -> tuple[type, type]:
     return Stage1Config, Stage1Task
 
 
-STAGES: dict[str, Callable[[], tuple[type, type]]] = {"stage1": _stage1}
+def _stage2() -> tuple[type, type]:
+    from vitvq.trainer.stage2 import Stage2Config, Stage2Task
+    return Stage2Config, Stage2Task
+
+
+STAGES: dict[str, Callable[[], tuple[type, type]]] = {"stage1": _stage1, "stage2": _stage2}
 """Stage name -> (config class, task class), imported on first use so that one stage never imports another."""
 
 

@@ -76,6 +76,10 @@ class Tracker(ABC):
     def log_figure(self, figure: Any, name: str, step: Optional[int] = None) -> None:
         """Store a matplotlib figure as ``figures/<name>[_step<step:07d>].png``."""
 
+    def tag_other_run(self, run_id: str, tags: dict[str, Any]) -> bool:
+        """Set tags on another run of this store (a link back from a run that builds on it); False if absent."""
+        return False
+
     @abstractmethod
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
         """Upload a file or a whole folder into the run's artifacts (under ``artifact_path``)."""
@@ -193,6 +197,17 @@ class MLflowTracker(Tracker):
         items = [(clean_key(k), clip(v, tag_limit())) for k, v in tags.items()]
         self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in items])
         self._tags.update(items)
+
+    def tag_other_run(self, run_id: str, tags: dict[str, Any]) -> bool:
+        from mlflow.entities import RunTag
+        from mlflow.exceptions import MlflowException
+        try:
+            self.client.get_run(run_id)
+        except MlflowException:
+            warnings.warn(f"MLflow run {run_id} is not in {self.tracking_uri}: no link back to run {self.run_id}")
+            return False
+        self.client.log_batch(run_id, tags=[RunTag(clean_key(k), clip(v, tag_limit())) for k, v in tags.items()])
+        return True
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric

@@ -81,6 +81,8 @@ class Trainer:
         self.run_id = self.tracker.run_id
         if not resume:
             self.tracker.log_params(flatten(cfg))
+            for other, tags in self.task.linked_runs(self.run_id).items():
+                self.tracker.tag_other_run(other, tags)
         if self.dist.is_main:
             (self.out / "config.json").write_text(json.dumps(flatten(cfg), indent=1, default=str))
         self.evaluator = self.task.evaluator(self.export_to) if self.dist.is_main else None

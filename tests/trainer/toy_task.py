@@ -90,6 +90,9 @@ class ToyTask:
     def tags(self) -> dict[str, str]:
         return {"toy": "yes"}
 
+    def linked_runs(self, run_id: str) -> dict[str, dict[str, str]]:
+        return {}
+
     def train_stream(self, state: Optional[dict]) -> ToyStream:
         return ToyStream(self.cfg.dim, self.cfg.train.micro_batch_size, self.dist.rank, self.cfg.train.seed, state)
 

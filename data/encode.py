@@ -1,0 +1,325 @@
+"""The encoder job behind ``launch/encode_tokens.py``: image shards -> stage-2 token shards, once per tokenizer.
+
+Each source image shard becomes one token shard of the same number (``<name>-<split>-NNNNNN.tar``, format in
+``data/tokens.py``). Images are decoded as the evaluation loader decodes them (``data/transforms.py``: the
+centered largest square, one antialiased resize to the tokenizer's ``image_size``), then augmented into views:
+
+- ``center``: 1 view, that square;
+- ``flip``: 2 views, the square and its horizontal mirror;
+- ``tencrop``: 10 views, LlamaGen's ``extract_codes_c2i.py --ten-crop``: the centered square resized to
+  ``int(1.1 * image_size)``, then torchvision's TenCrop at ``image_size`` (4 corners + center, and their mirrors).
+  Ours are ordered center, top-left, top-right, bottom-left, bottom-right of the square, then the same five of its
+  mirror image (as torchvision, whose mirrored center sits one pixel over when the margin is odd), so that view 0
+  is always the central view; torchvision orders them top-left, top-right, bottom-left, bottom-right, center.
+
+Work is spread with ``evaluation.pool.ActorPool``: ``workers=0`` encodes in this process (no Ray; the right
+choice for one GPU), ``workers=N`` runs N Ray actors (a local cluster, or ``address``); worker ``w`` takes the
+to-do shards ``w::N``. The output is the same for any N. Several machines: ``--address`` of a Ray cluster whose
+nodes share the output folder. torchrun is not supported (``WORLD_SIZE > 1`` is refused by the launcher): one
+process drives the actors, so there is one writer of the final index.
+
+Resumable: a shard is planned from its source (name, sha256 or size, samples taken), the tokenizer's sha256 and
+the augmentation; an existing output shard whose index entry has that plan and whose sha256 matches is kept.
+Shards go to a temporary name and are renamed atomically; each worker records a finished shard in the index (under
+a file lock) at once, so an interrupted run loses only the shards in progress. Unreadable source samples are
+skipped and listed in the index, never fatal.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from vitvq.configs import to_dict
+from vitvq.data.cursor import Piece, read_raw
+from vitvq.data.shards import sha256_file
+from vitvq.data.tokens import KIND, VIEWS, TokenShardWriter, token_dtype
+from vitvq.data.transforms import image_bytes, label_of, load_crop, square_box, to_float
+from vitvq.data.urls import INDEX_FORMAT, _beside, index_checksum, index_path, load_index, resolve_shards, shard_name
+
+FORMAT_VERSION = 1  # bump when the bytes written for the same plan change: old shards are then re-encoded
+TENCROP_SCALE = 1.1  # LlamaGen's --crop-range default
+VIEW_NAMES = {"center": ["center"], "flip": ["center", "mirror"],
+              "tencrop": [f"{m}{p}" for m in ("", "mirror_")
+                          for p in ("center", "top_left", "top_right", "bottom_left", "bottom_right")]}
+
+
+def crop_views(data: bytes, size: int, augment: str) -> torch.Tensor:
+    """The ``augment`` views of an encoded image: (views, 3, size, size) uint8."""
+    if augment == "tencrop":
+        big = int(size * TENCROP_SCALE)
+        square = load_crop(data, big, partial(square_box, rng=None))  # (3, big, big): shorter side to 1.1x, centered
+        m = big - size
+        c = int(round(m / 2))  # torchvision's center_crop offset
+        offsets = ((c, c), (0, 0), (0, m), (m, 0), (m, m))  # (top, left): center, then the four corners
+        return torch.stack([im[:, t:t + size, left:left + size] for im in (square, square.flip(-1))
+                            for t, left in offsets])
+    center = load_crop(data, size, partial(square_box, rng=None))  # (3, size, size), as build_eval_loader crops
+    return torch.stack([center, center.flip(-1)] if augment == "flip" else [center])
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    src: str
+    """Source shard URL."""
+    count: int
+    """Samples to read from it (the index count, or fewer under ``limit``)."""
+    out: str
+    """Output shard path."""
+    plan: str
+    """Fingerprint of everything the output bytes depend on."""
+
+
+@dataclass
+class EncodeJob:
+    tasks: list[ShardTask]
+    augment: str
+    batch_size: int  # images (views) per forward pass
+    index: str  # the output index, where finished shards are recorded
+    head: dict[str, Any]
+
+
+@dataclass
+class EncodeResult:
+    """Index entries of the shards a worker wrote; ``a + b`` merges two workers."""
+    entries: list[dict] = field(default_factory=list)
+
+    def __add__(self, other: "EncodeResult") -> "EncodeResult":
+        return EncodeResult(self.entries + other.entries)
+
+
+class EncodeWorker:
+    """Holds the tokenizer (loaded once) and encodes its slice of the shards; a Ray actor or a plain object."""
+
+    def __init__(self, tokenizer: str, device: str = "cpu", threads: int = 0):
+        from vitvq.models.tokenizer import Tokenizer
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.device = torch.device(device)
+        self.tok = Tokenizer.load_export(tokenizer, map_location="cpu").to(self.device).eval()
+
+    def info(self) -> dict[str, Any]:
+        """Answered once the tokenizer is loaded (the pool's ``ready`` call)."""
+        return {"image_size": self.tok.cfg.image_size, "device": str(self.device)}
+
+    def start(self, job: EncodeJob, rank: int, world_size: int) -> int:
+        self.job, self.mine, self.acc = job, job.tasks[rank::world_size], EncodeResult()
+        self.work = self._run()
+        return sum(t.count for t in self.mine)
+
+    def step(self, max_batches: int = 1) -> tuple[int, bool]:
+        """Encode up to ``max_batches`` batches; (source samples consumed, finished)."""
+        n = 0
+        for _ in range(max_batches):
+            got = next(self.work, None)
+            if got is None:
+                return n, True
+            n += got
+        return n, False
+
+    def result(self) -> EncodeResult:
+        return self.acc
+
+    def _run(self) -> Iterator[int]:
+        for task in self.mine:
+            yield from self._shard(task)
+
+    def _shard(self, task: ShardTask) -> Iterator[int]:
+        """Encode one shard; yields the source samples consumed since the last yield (for the progress bar)."""
+        job, size = self.job, self.tok.cfg.image_size
+        per_batch = max(1, job.batch_size // VIEWS[job.augment])  # samples per forward pass
+        writer = TokenShardWriter(task.out, job.head["tokens"]["vocab_size"])
+        src_name, skipped, pending, since = shard_name(task.src), [], [], 0
+        try:
+            for sample in read_raw([Piece(task.src, 0, 0, task.count)]):  # exactly task.count items, None if missing
+                since += 1
+                if sample is None:
+                    skipped.append({"src_key": None, "reason": "missing: the source shard is truncated or unreadable"})
+                    continue
+                try:
+                    views = crop_views(image_bytes(sample), size, job.augment)
+                    pending.append((sample["__key__"], label_of(sample), views))
+                except Exception as exn:  # noqa: BLE001 - any undecodable image is skipped and listed
+                    skipped.append({"src_key": sample.get("__key__"), "reason": repr(exn)})
+                if len(pending) == per_batch:
+                    self._write(writer, pending, src_name)
+                    pending = []
+                    yield since
+                    since = 0
+            self._write(writer, pending, src_name)
+            entry = {**writer.close(), "plan": task.plan, "src_shard": src_name, "skipped": skipped}
+        except BaseException:  # includes GeneratorExit: an abandoned shard leaves no temporary file
+            writer.abort()
+            raise
+        record_entry(Path(job.index), job.head, entry)
+        self.acc.entries.append(entry)
+        yield since
+
+    @torch.inference_mode()
+    def _write(self, writer: TokenShardWriter, pending: list, src_name: str) -> None:
+        if not pending:
+            return
+        views = torch.stack([v for _, _, v in pending])  # (n, V, 3, S, S) uint8
+        n, V = views.shape[:2]
+        x = to_float(views.flatten(0, 1).to(self.device), "minus_one_one")  # (n*V, 3, S, S) in [-1, 1]
+        codes = self.tok.encode(x).indices  # (n*V, h, w)
+        codes = codes.reshape(n, V, *codes.shape[1:]).cpu().numpy()  # (n, V, h, w)
+        for (key, label, _), c in zip(pending, codes):
+            writer.add(key.replace(".", "_"), c, label, key, src_name)
+
+
+# -- the index -----------------------------------------------------------------------------------------------
+@contextmanager
+def _locked(ipath: Path) -> Iterator[None]:
+    """Exclusive lock on the index of one output (workers record shards concurrently)."""
+    with open(f"{ipath}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def write_index(ipath: Path, head: dict[str, Any], entries: list[dict], complete: bool) -> dict[str, Any]:
+    """Write the index of ``entries`` (sorted by shard name) atomically; its bytes depend on nothing else."""
+    entries = sorted(entries, key=lambda e: e["name"])
+    index = {**head, "complete": complete, "num_samples": sum(e["samples"] for e in entries),
+             "num_skipped": sum(len(e["skipped"]) for e in entries),
+             "skipped": [{"src_shard": e["src_shard"], **s} for e in entries for s in e["skipped"]],
+             "shards": entries}
+    tmp = ipath.with_name(f"{ipath.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(index, indent=1))
+    os.replace(tmp, ipath)
+    return index
+
+
+def record_entry(ipath: Path, head: dict[str, Any], entry: dict) -> None:
+    """Add a finished shard to the (incomplete) index, so that a rerun after a crash keeps it."""
+    with _locked(ipath):
+        try:
+            entries = {e["name"]: e for e in json.loads(ipath.read_text())["shards"]}
+        except (OSError, json.JSONDecodeError, KeyError):
+            entries = {}
+        entries[entry["name"]] = entry
+        write_index(ipath, head, list(entries.values()), complete=False)
+
+
+# -- the plan and the driver ---------------------------------------------------------------------------------
+def _numbers(urls: tuple[str, ...]) -> list[int]:
+    """Output shard numbers: the source shards' own numbers (``x-train-000042.tar`` -> 42), else their positions."""
+    found = [re.search(r"(\d+)\.tar$", shard_name(u)) for u in urls]
+    nums = [int(m.group(1)) for m in found if m]
+    return nums if len(nums) == len(urls) and len(set(nums)) == len(nums) else list(range(len(urls)))
+
+
+def _tokenizer_record(path: str) -> tuple[dict[str, Any], int]:
+    """The index's record of the export at ``path`` and the side of its token grid; refuses residual quantizers."""
+    from vitvq.models.tokenizer import Tokenizer
+    tok = Tokenizer.load_export(path)
+    q = tok.cfg.quantizer
+    if q.kind == "residual":
+        raise ValueError(f"tokenizer {path} uses a residual quantizer ({q.residual_depth} codes per position): the "
+                         "stage-2 prior models one code per position; encode with a single-codebook tokenizer "
+                         "(quantizer.kind vq, ema or gumbel)")
+    with torch.inference_mode():
+        grid = tok.encode(torch.zeros(1, tok.cfg.in_channels, tok.cfg.image_size, tok.cfg.image_size)).indices.shape[-1]
+    extra = getattr(tok, "export_extra", {}) or {}
+    record = {"path": path, "sha256": sha256_file(path), "config": to_dict(tok.cfg),
+              "mlflow_run_id": extra.get("mlflow_run_id"), "step": extra.get("step")}
+    return record, int(grid)
+
+
+def encode_tokens(tokenizer: str | Path, shards: str, out: str | Path, *, name: Optional[str] = None,
+                  split: str = "train", augment: str = "center", workers: int = 0, batch_size: int = 64,
+                  device: str = "cpu", address: Optional[str] = None, cpus_per_worker: float = 1,
+                  gpus_per_worker: float = 0, limit: Optional[int] = None, index: Optional[str] = None,
+                  progress: bool = True) -> dict[str, Any]:
+    """Encode the image shards ``shards`` (spec or index .json; ``index`` for remote ones) with the export
+    ``tokenizer`` into ``out``; returns the token index (also written), plus ``index_path``, ``written``, ``kept``."""
+    from vitvq.evaluation.pool import ActorPool
+    if augment not in VIEWS:
+        raise ValueError(f"augment must be one of {sorted(VIEWS)}, not {augment!r}")
+    if batch_size < 1 or workers < 0 or (limit is not None and limit < 1):
+        raise ValueError(f"need batch_size >= 1, workers >= 0, limit >= 1 (got {batch_size}, {workers}, {limit})")
+    tok_path = os.path.abspath(os.path.expanduser(str(tokenizer)))
+    record, grid = _tokenizer_record(tok_path)
+    listed = resolve_shards(shards, index, what="--shards")
+    src_index = index or (shards if shards.strip().endswith(".json") else None)
+    src_doc = load_index(os.path.expanduser(src_index)) if src_index else None
+    table = {e["name"]: e for e in src_doc["shards"]} if src_doc else _beside(list(listed.urls))
+    if name is None:
+        m = re.match(r"(.+)-[^-]+-\d+\.tar$", shard_name(listed.urls[0]))
+        name = (src_doc or {}).get("name") or (m.group(1) if m else "tokens")
+    out = Path(os.path.expanduser(str(out)))
+    out.mkdir(parents=True, exist_ok=True)
+    ipath, prefix = index_path(out, name, split), f"{name}-{split}"
+    vocab = int(record["config"]["quantizer"]["codebook_size"])
+    head = {"format": INDEX_FORMAT, "kind": KIND, "name": name, "split": split, "num_classes": listed.num_classes,
+            "classes": (src_doc or {}).get("classes") or [],
+            "tokens": {"tokenizer": record, "grid": grid, "vocab_size": vocab, "dtype": token_dtype(vocab).name,
+                       "augment": augment, "views": VIEWS[augment], "view_names": VIEW_NAMES[augment],
+                       "limit": limit, "source": {"spec": shards, "index_sha256": index_checksum(shards, index)}}}
+
+    # The plan: one task per source shard with samples to take.
+    tasks, left = [], limit if limit is not None else listed.total
+    for url, count, num in zip(listed.urls, listed.counts, _numbers(listed.urls)):
+        take, left = min(count, left), left - min(count, left)
+        if take == 0:
+            continue
+        src = table.get(shard_name(url), {})
+        version = src.get("sha256") or f"bytes:{os.path.getsize(url) if os.path.isfile(url) else '?'}"
+        plan = json.dumps([FORMAT_VERSION, shard_name(url), version, take, record["sha256"], augment])
+        tasks.append(ShardTask(url, take, str(out / f"{prefix}-{num:06d}.tar"), hashlib.sha1(plan.encode()).hexdigest()))
+    sources = {os.path.abspath(u) for u in listed.urls} | ({os.path.abspath(src_index)} if src_index else set())
+    if sources & ({os.path.abspath(t.out) for t in tasks} | {os.path.abspath(ipath)}):
+        raise ValueError(f"--out {out} with --name {name} --split {split} would overwrite the source shards or their "
+                         "index: choose another --out or --name")
+
+    for stale in out.glob(f"{prefix}-*.tmp-*"):  # left by an interrupted run; never a complete shard
+        stale.unlink()
+    try:
+        old = {e["name"]: e for e in json.loads(ipath.read_text())["shards"]} if ipath.exists() else {}
+    except (json.JSONDecodeError, KeyError, TypeError):
+        old = {}  # unreadable index: every shard is rewritten
+    kept, todo = [], []
+    for t in tasks:
+        prev, path = old.get(Path(t.out).name), Path(t.out)
+        if prev and prev.get("plan") == t.plan and path.is_file() and path.stat().st_size == prev["bytes"] \
+                and sha256_file(path) == prev["sha256"]:
+            kept.append(prev)
+        else:
+            todo.append(t)
+    planned = {Path(t.out).name for t in tasks}
+    extra = sorted(p.name for p in out.glob(f"{prefix}-*.tar") if p.name not in planned)
+    if extra:
+        print(f"warning: {len(extra)} shard files in {out} are not part of this plan (e.g. {extra[0]}); they are left "
+              "in place and not listed in the index")
+
+    with _locked(ipath):
+        write_index(ipath, head, kept, complete=not todo)
+    done = EncodeResult()
+    if todo:
+        threads = max(1, int(cpus_per_worker)) if workers else 0
+        pool = ActorPool(EncodeWorker, (tok_path, device, threads), workers=workers, address=address,
+                         cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, ready="info",
+                         what="encoder")
+        try:
+            done = pool.run(EncodeJob(todo, augment, batch_size, str(ipath), head), desc=prefix, progress=progress,
+                            unit="img")
+        finally:
+            pool.close()
+    with _locked(ipath):
+        result = write_index(ipath, head, kept + done.entries, complete=len(kept) + len(done.entries) == len(tasks))
+    Path(f"{ipath}.lock").unlink(missing_ok=True)
+    return {**result, "index_path": str(ipath), "written": len(done.entries), "kept": len(kept)}
+
+
+__all__ = ["encode_tokens", "crop_views", "EncodeWorker", "EncodeJob", "EncodeResult", "ShardTask", "write_index",
+           "record_entry", "TENCROP_SCALE", "VIEW_NAMES"]
