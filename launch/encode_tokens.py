@@ -8,7 +8,7 @@
     python launch/encode_tokens.py ... --workers 8 --gpus-per-worker 1 --device cuda   # 8 Ray actors, one GPU each
 
 Writes one ``<name>-<split>-NNNNNN.tar`` per source shard and ``<name>-<split>-index.json`` into --out (format
-in ``data/tokens.py``), then prints the two lines to put in a stage-2 config. ``--shards demo`` encodes both splits (train
+in ``data/tokens.py``), then prints the overrides that point a stage-2 run at them. ``--shards demo`` encodes both splits (train
 and val) of the built-in demo photographs (``data.source: demo`` in stage 1) at the tokenizer's image size. Re-running the same command keeps
 the shards already encoded by this tokenizer and writes the rest. ``--workers 0`` (default) encodes in this
 process; ``--workers N`` spreads the shards over N Ray actors (``--address`` for an existing cluster; the nodes
@@ -73,7 +73,7 @@ def encode(args: argparse.Namespace, shards: str, split: str) -> dict:
         print(f"  skipped {s['src_shard']}:{s['src_key']}: {s['reason']}")
     print(f"index: {index['index_path']}")
     field = "train_tokens" if split == "train" else "val_tokens"
-    print(f"stage-2 config:\n  tokens.{field}: {index['index_path']}\n  tokenizer: {t['tokenizer']['path']}")
+    print(f"stage-2 overrides: tokenizer={t['tokenizer']['path']} tokens.{field}={index['index_path']}")
     return index
 
 if __name__ == "__main__":

@@ -88,6 +88,21 @@ def build_source(args: argparse.Namespace) -> Source:
                   resolution=getattr(args, "resolution", None), limit=args.limit if not shards else None)
 
 
+def sampling_protocol(samples: Optional[str]) -> dict[str, Any]:
+    """How the samples were drawn (``launch/sample.py`` writes ``<samples>.protocol.json`` beside the .npz): the
+    sample count, classes, guidance and sampling settings, seeds and the model files, as ``sampling.*`` entries of
+    the gFID protocol; a note when there is none."""
+    if not samples or not samples.endswith(".npz"):
+        return {}
+    path = Path(samples).with_suffix(".protocol.json")
+    if not path.is_file():
+        return {"sampling": f"unknown: no {path.name} beside the samples (not written by launch/sample.py)"}
+    keep = ("samples", "per_class", "classes", "cfg_scale", "cfg_schedule", "temperature", "top_k", "top_p", "seed",
+            "seed_rule", "prior", "prior_sha256", "prior_step", "tokenizer", "tokenizer_sha256")
+    drawn = json.loads(path.read_text())
+    return {f"sampling.{k}": drawn[k] for k in keep if k in drawn}
+
+
 def print_table(title: str, values: dict[str, Any], protocol: dict[str, Any], notes: list[str]) -> None:
     width = max(len(k) for k in [*values, *protocol]) + 2
     print(f"\n{title}")
@@ -136,6 +151,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             title = f"rFID of {args.tokenizer}"
         else:
             result = evaluate_gfid(pool, source, args.ref, args.batch_size, args.splits, progress)
+            result.protocol.update(sampling_protocol(args.samples))
             title = f"gFID / IS of {args.samples}"
     finally:
         pool.close()

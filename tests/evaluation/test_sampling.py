@@ -147,6 +147,9 @@ def test_npz_is_what_evaluate_gfid_reads(cli_run, tmp_path: Path):
     res = evaluate(["gfid", "--samples", str(cli_run["out"]), "--ref", str(ref), "--splits", "2", *fast])
     assert abs(res["metrics"]["eval/fid"]) < 1e-6 and res["protocol"]["count"] == 20  # the same images: FID 0
     assert res["protocol"]["resolution"] == "32x32 (as generated)"
+    drawn = cli_run["protocol"]  # how they were drawn travels with the gFID result (table, JSON, MLflow tags)
+    for key in ("samples", "per_class", "cfg_scale", "top_k", "seed", "prior_sha256", "tokenizer_sha256"):
+        assert res["protocol"][f"sampling.{key}"] == drawn[key], key
 
 
 def test_unconditional_prior(exports, tmp_path: Path):
