@@ -275,7 +275,7 @@ def test_cli_end_to_end_and_refusals(env, tmp_path: Path, capsys, monkeypatch) -
     ipath = out / "toy-train-index.json"
     assert index["num_samples"] == 10 and [e["samples"] for e in index["shards"]] == [8, 2]
     assert f"index: {ipath}" in printed and f"tokens.train_tokens={ipath}" in printed
-    assert f"tokenizer: {env.tok_path}" in printed
+    assert f"stage-2 overrides: tokenizer={env.tok_path} " in printed
     assert stored(ipath).keys() <= stored(env.enc["center"]).keys()
     for k, v in stored(ipath).items():  # batch size 3 instead of 64: the same codes
         assert np.array_equal(v, stored(env.enc["center"])[k])
