@@ -8,9 +8,11 @@ Layout of ``<out_dir>/checkpoints``::
         meta.json                     step, world size, MLflow run id, config hash; written last, by rank 0
     latest                            name of the newest COMPLETE checkpoint, replaced atomically
 
-``latest`` moves only after a barrier that every rank reaches once all its files are written, so a crash
-in the middle of a save leaves the previous checkpoint as the one resumed. Older checkpoints beyond
-``keep_last`` are deleted after the pointer has moved.
+``latest`` moves only after a barrier that every rank reaches once all its files are written and fsynced
+(each rank syncs what it wrote; rank 0 then syncs the folders and ``meta.json``), so neither a crash in the
+middle of a save nor a power loss right after ``latest`` moved leaves a checkpoint that is not on disk as the
+one resumed. Older checkpoints beyond ``keep_last`` are deleted after the pointer has moved, and so are the
+partial folders (no ``meta.json``) that crashed saves left behind.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -48,10 +51,35 @@ def maybe_fault(kind: str, step: int) -> None:
     raise InjectedFault(f"injected fault {spec}")
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's (its entries') data to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path, newer_than: float = 0.0) -> None:
+    """fsync every file of ``folder`` modified after ``newer_than`` (a rank's own files), then the folders."""
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            path = Path(root) / name
+            if path.stat().st_mtime >= newer_than:
+                _fsync(path)
+        _fsync(Path(root))
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary name, fsync, rename over ``path``, fsync the folder: ``path`` is the old or the new
+    text after any crash, and the new one once this returns."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync(path.parent)
 
 
 def rng_state() -> dict[str, Any]:
@@ -117,13 +145,15 @@ class CheckpointManager:
         if self.dist.is_main and folder.exists():  # leftovers of a crashed save of this same step
             shutil.rmtree(folder)
         barrier()
+        started = time.time() - 1.0  # files this rank writes from here on (mtime granularity: be generous)
         for name, engine in engines.items():
             save_engine(engine, folder, name, client_state)
         maybe_fault("save", step)
         tmp = folder / f"rank_{self.dist.rank:05d}.pt.tmp"
         torch.save({**rank_state, "rng": rng_state()}, tmp)
         os.replace(tmp, folder / f"rank_{self.dist.rank:05d}.pt")
-        barrier()  # every rank has written everything
+        fsync_tree(folder, newer_than=started)  # what this rank wrote is on disk before it says so
+        barrier()  # every rank has written and synced everything
         if self.dist.is_main:
             _atomic_write_text(folder / "meta.json", json.dumps({**meta, "step": step, "tag": tag,
                                                                  "world_size": self.dist.world_size}, indent=1))
@@ -133,8 +163,11 @@ class CheckpointManager:
         return folder
 
     def _prune(self, keep: str) -> None:
-        done = sorted(p for p in self.root.glob("step_*") if (p / "meta.json").is_file())
-        for old in done[:-self.keep_last]:
+        """Complete checkpoints beyond ``keep_last``, and partial folders older than ``keep`` (crashed saves)."""
+        folders = sorted(p for p in self.root.glob("step_*") if p.is_dir())
+        done = [p for p in folders if (p / "meta.json").is_file()]
+        stale = [p for p in folders if p.name < keep and not (p / "meta.json").is_file()]
+        for old in done[:-self.keep_last] + stale:
             if old.name != keep:
                 shutil.rmtree(old, ignore_errors=True)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal, Optional, TypeVar
@@ -90,11 +91,21 @@ class TrainConfig:
     """Show a progress bar on rank 0."""
     on_world_size_change: Literal["convert", "refuse"] = "convert"
     """Resuming at another world size: convert the ZeRO checkpoint to universal format, or refuse."""
+    preempt_signal: Optional[str] = "SIGUSR1"
+    """A second signal that preempts as SIGTERM does (SLURM's ``--signal=USR1@120`` warns before the end of an
+    allocation); null for SIGTERM and Ctrl-C alone. Every rank finishes the step, saves and exits with status 75."""
+    dist_timeout_s: int = 1800
+    """Seconds a collective may wait for the other ranks before the process group fails (a hung rank, a slow
+    checkpoint on shared storage); torch's default is 1800."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch_size", "micro_batch_size", "log_every", "ckpt_every", "keep_last",
                      "image_every", "max_nonfinite"):
             check(getattr(self, name) > 0, name, getattr(self, name), "must be positive")
+        check(self.preempt_signal is None or (self.preempt_signal.startswith("SIG") and hasattr(signal, self.preempt_signal)
+              and self.preempt_signal not in ("SIGKILL", "SIGSTOP")), "preempt_signal", self.preempt_signal,
+              "must name a catchable signal such as SIGUSR1 or SIGUSR2, or be null")
+        check(self.dist_timeout_s > 0, "dist_timeout_s", self.dist_timeout_s, "must be a positive number of seconds")
         check(self.val_every >= 0, "val_every", self.val_every, "must be >= 0 (0 = no validation)")
         check(self.val_batches > 0, "val_batches", self.val_batches, "must be positive")
         check(self.global_batch_size % self.micro_batch_size == 0, "global_batch_size", self.global_batch_size,

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,8 +47,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> DistInfo:
-    """Join the process group set up by ``deepspeed``, ``torchrun``, Ray Train, or none (plain ``python``)."""
+def init_distributed(timeout_s: float = 1800) -> DistInfo:
+    """Join the process group set up by ``deepspeed``, ``torchrun``, Ray Train, or none (plain ``python``);
+    collectives fail after ``timeout_s`` seconds of waiting (``train.dist_timeout_s``)."""
     if "RANK" not in os.environ:  # plain `python launch/...`: a group of one, so every code path is the same
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
@@ -58,7 +60,8 @@ def init_distributed() -> DistInfo:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False,
+                                   timeout=timedelta(seconds=timeout_s))
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 

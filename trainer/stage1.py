@@ -60,6 +60,9 @@ class Stage1Task:
         return self.cfg.optim_g if name == "generator" else self.cfg.optim_d
 
     def schedule_steps(self, name: str) -> int:
+        """The discriminator steps only from ``loss.disc_start`` on: its warm-up and cosine span those steps."""
+        if name == "discriminator" and self.cfg.loss.adv_weight > 0:
+            return max(1, self.cfg.train.steps - self.cfg.loss.disc_start)
         return self.cfg.train.steps
 
     def attach(self, engines: dict[str, Any]) -> None:

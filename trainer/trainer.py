@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -23,22 +24,67 @@ from tqdm import tqdm
 from vitvq.configs import flatten, to_dict
 from vitvq.trainer.checkpoint import CheckpointManager, maybe_fault, set_rng_state
 from vitvq.trainer.config import config_hash
-from vitvq.trainer.engine import all_reduce_sum, barrier, build_engine, init_distributed, shutdown_distributed
+from vitvq.trainer.engine import (all_reduce_sum, any_rank, barrier, build_engine, init_distributed,
+                                  shutdown_distributed)
 from vitvq.trainer.export import export_checkpoint
 from vitvq.trainer.parallelize import parallelize
 from vitvq.trainer.task import Every, Task, stage_classes
 from vitvq.trainer.tracking import git_commit, make_tracker
 
 
+PREEMPTED_EXIT = 75
+"""Exit status of a run stopped by SIGTERM, ``train.preempt_signal`` or Ctrl-C after saving its step (EX_TEMPFAIL:
+rerun the same command to continue)."""
+
+
 class NonFiniteLossError(RuntimeError):
     pass
 
 
+class Preempted(SystemExit):
+    """Raised by :func:`train` once every rank has saved the step it stopped at."""
+
+
+class StopRequest:
+    """SIGTERM, the configured second signal and SIGINT set a flag instead of killing the process; the loop reads
+    it after each step and all ranks stop together (a second Ctrl-C interrupts at once, as usual)."""
+
+    def __init__(self, extra: Optional[str]):
+        import signal
+        self.signal: Optional[str] = None
+        self.previous: dict[int, Any] = {}
+        names = ["SIGTERM", "SIGINT"] + ([extra] if extra and extra not in ("SIGTERM", "SIGINT") else [])
+        try:
+            for name in names:
+                sig = getattr(signal, name)
+                self.previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread (a Ray Train worker thread): the runner handles signals
+            self.restore()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        import signal
+        if self.signal == "SIGINT" and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        import signal
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+
+OnCheckpoint = Callable[[int, str, Path, dict[str, float]], None]
+"""``on_checkpoint(step, tag, folder, metrics)``: called on every rank once checkpoint ``tag`` is complete and
+``latest`` names it, with the last logged metrics (Ray Train reports it; a collective, like the save itself)."""
+
+
 class Trainer:
-    def __init__(self, cfg: Any, task_cls: Optional[type] = None):
+    def __init__(self, cfg: Any, task_cls: Optional[type] = None, on_checkpoint: Optional[OnCheckpoint] = None):
         self.cfg = cfg
         self.task_cls = task_cls or stage_classes(cfg.stage)[1]
-        self.dist = init_distributed()
+        self.on_checkpoint = on_checkpoint
+        self.dist = init_distributed(cfg.train.dist_timeout_s)
         self.out = Path(cfg.train.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.ckpt = CheckpointManager(self.out, self.dist, cfg.train.keep_last)
@@ -79,6 +125,10 @@ class Trainer:
             tags={"git_commit": git_commit() or "unknown", "world_size": str(self.dist.world_size),
                   "recipe": cfg.recipe, "config_hash": config_hash(cfg), "stage": self.task.name, **self.task.tags()})
         self.run_id = self.tracker.run_id
+        # What this process runs on, at the step it starts from: a restart or a resize shows as a change here
+        # (restarts = how often this MLflow run was resumed; a NullTracker has no count and records nothing).
+        self.tracker.log_metrics({"sys/world_size": self.dist.world_size,
+                                  "sys/restarts": getattr(self.tracker, "resume_index", 0)}, step=self.step)
         if not resume:
             self.tracker.log_params(flatten(cfg))
             for other, tags in self.task.linked_runs(self.run_id).items():
@@ -122,8 +172,10 @@ class Trainer:
         meta = {"mlflow_run_id": self.run_id, "config_hash": config_hash(cfg), "recipe": cfg.recipe,
                 "stage": self.task.name, "zero_stage": cfg.train.zero_stage, "precision": cfg.train.precision,
                 "config": to_dict(cfg)}
-        self.ckpt.save(self.step, self.engines, client_state, {"data": self.stream.state_dict()}, meta)
+        folder = self.ckpt.save(self.step, self.engines, client_state, {"data": self.stream.state_dict()}, meta)
         self.last_good = self.ckpt.tag(self.step)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(self.step, self.last_good, folder, dict(self.history[-1]) if self.history else {})
 
     def export_to(self, tag: Optional[str], dest: Path) -> Path:
         """The task's single-file export of checkpoint ``tag`` (None: the latest complete one)."""
@@ -162,14 +214,15 @@ class Trainer:
 
     def log(self, metrics: dict[str, torch.Tensor], step_s: float, wait_s: float) -> dict[str, float]:
         keys = sorted(metrics)
-        vec = torch.stack([metrics[k] for k in keys]) if keys else torch.zeros(0, device=self.dist.device)
-        all_reduce_sum(vec)  # mean over ranks; codebook stats are already global
-        out = {f"train/{k}": v / self.dist.world_size for k, v in zip(keys, vec.tolist())}
+        skipped = torch.tensor([float(self.stream.skipped)], device=self.dist.device)
+        vec = torch.cat([torch.stack([metrics[k] for k in keys]) if keys else skipped[:0], skipped])
+        all_reduce_sum(vec)  # mean over ranks (codebook stats are already global); skipped samples: the sum
+        out = {f"train/{k}": v / self.dist.world_size for k, v in zip(keys, vec[:-1].tolist())}
         out.update(self.task.engine_metrics())
         name, per_sample = self.task.throughput
         out.update({"perf/step_s": step_s, "perf/data_wait_frac": wait_s / max(step_s, 1e-9),
                     name: self.cfg.train.global_batch_size * per_sample / max(step_s, 1e-9),
-                    "data/skipped_samples": float(self.stream.skipped), "train/nonfinite_skipped": self.nonfinite_total})
+                    "data/skipped_samples": vec[-1].item(), "train/nonfinite_skipped": self.nonfinite_total})
         self.record(out)
         return out
 
@@ -225,6 +278,8 @@ class Trainer:
         bar = tqdm(total=t.steps, initial=self.step, disable=not (t.progress and self.dist.is_main),
                    unit="step", dynamic_ncols=True)
         last: dict[str, float] = {}
+        stop = StopRequest(t.preempt_signal)
+        preempted: Optional[str] = None
         try:
             while self.step < t.steps:
                 t0 = time.perf_counter()
@@ -250,11 +305,24 @@ class Trainer:
                 if self.should_log(self.step):
                     last.update(self.log_evals())
                 maybe_fault("step", self.step)
+                if any_rank(stop.signal is not None, self.dist.device):  # every rank stops at the same step
+                    preempted = stop.signal or "another rank's signal"
+                    if not (self.should_save(self.step) or evaluate):
+                        self.save()
+                    break
         except BaseException:
             bar.close()
+            stop.restore()
             self.tracker.close(status="FAILED")
             raise
+        stop.restore()
         bar.close()
+        if preempted:
+            if self.evaluator is not None:
+                self.evaluator.close()  # queued evaluations are dropped; the next start re-submits nothing
+            self.tracker.close(status="KILLED")
+            return {"step": self.step, "out_dir": str(self.out), "run_id": self.run_id, "preempted": preempted,
+                    "checkpoint": str(self.out / "checkpoints" / self.ckpt.tag(self.step))}
         last.update(self.log_evals(wait=True))
         export = self.export()
         self.tracker.close(status="FINISHED")
@@ -272,12 +340,18 @@ class Trainer:
         return path
 
 
-def train(cfg: Any, task_cls: Optional[type] = None) -> dict[str, Any]:
+def train(cfg: Any, task_cls: Optional[type] = None, on_checkpoint: Optional[OnCheckpoint] = None) -> dict[str, Any]:
     """Build everything from the config and train; the function every launcher (and Ray) calls.
 
-    The task comes from ``cfg.stage`` through ``trainer.task.STAGES`` unless ``task_cls`` is given."""
-    trainer = Trainer(cfg, task_cls)
+    The task comes from ``cfg.stage`` through ``trainer.task.STAGES`` unless ``task_cls`` is given;
+    ``on_checkpoint`` (see :data:`OnCheckpoint`) is how ``trainer/ray_train.py`` reports checkpoints to Ray."""
+    trainer = Trainer(cfg, task_cls, on_checkpoint)
     trainer.build()
     result = trainer.fit()
     shutdown_distributed()  # a later train() in this process (a Ray restart) joins a new group
+    if result.get("preempted"):
+        if trainer.dist.is_main:
+            print(f"preempted: stopped by {result['preempted']} after step {result['step']} and saved "
+                  f"{result['checkpoint']}; rerun the same command to continue from it", file=sys.stderr, flush=True)
+        raise Preempted(PREEMPTED_EXIT)
     return result

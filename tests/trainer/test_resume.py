@@ -75,9 +75,12 @@ def test_stop_resume_and_crash_during_save_give_the_uninterrupted_losses(straigh
     assert res.returncode != 0 and "injected fault save@8" in res.stderr
     assert latest(out) == "step_00000004", "a half-written checkpoint became the latest"
     assert not (out / "checkpoints" / "step_00000008" / "meta.json").exists()
-    # 3. Resumes at 4 again and finishes.
+    # 3. Resumes at 4 again and finishes; a partial folder a crashed save of another step left is pruned.
+    partial = out / "checkpoints" / "step_00000003"
+    (partial / "generator").mkdir(parents=True)
     launch(out, torchrun_env, 2)
     assert latest(out) == "step_00000008"
+    assert not partial.exists(), "a partial checkpoint folder (no meta.json) was not pruned"
     got = losses(out)
     for step in range(1, 9):
         assert got[step] == want[step], f"step {step}: resumed {got[step]} != uninterrupted {want[step]}"
