@@ -28,7 +28,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from vitvq.trainer.engine import DistInfo, barrier, convert_to_universal, load_engine, save_engine
+from vitvq.trainer.engine import (DistInfo, all_gather_object, barrier, broadcast_object, convert_to_universal, load_engine,
+                                  save_engine)
 
 FAULT_ENV = "VITVQ_INJECT_FAULT"
 """Test hook: ``save@STEP`` kills the process in the middle of that save; ``step@STEP`` after that step."""
@@ -95,6 +96,26 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def check_shared_folder(folder: Path, dist: DistInfo) -> None:
+    """Collective: refuse to start unless every rank sees the file rank 0 just wrote in ``folder``: with node-local
+    disks the other nodes would find no ``latest`` and start fresh while rank 0 resumes."""
+    probe = folder / f".shared-check-{os.getpid()}-{dist.rank}"
+    token = f"{time.time_ns()}-{os.getpid()}"
+    if dist.is_main:
+        _atomic_write_text(probe, token)
+    token, name = broadcast_object((token, probe.name))
+    seen = (folder / name).is_file() and (folder / name).read_text() == token
+    views = all_gather_object(seen)
+    barrier()
+    if dist.is_main:
+        (folder / name).unlink(missing_ok=True)
+    missing = [r for r, ok in enumerate(views) if not ok]
+    if missing:
+        raise RuntimeError(f"train.out_dir={folder} is not shared storage: ranks {missing} cannot see the file rank 0 "
+                           f"wrote there, so they would not see its checkpoints either; give every node the same "
+                           f"folder (a shared filesystem mount) as train.out_dir")
 
 
 class CheckpointManager:

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from vitvq.configs import flatten, to_dict
-from vitvq.trainer.checkpoint import CheckpointManager, maybe_fault, set_rng_state
+from vitvq.trainer.checkpoint import CheckpointManager, check_shared_folder, maybe_fault, set_rng_state
 from vitvq.trainer.config import config_hash
 from vitvq.trainer.engine import (all_reduce_sum, any_rank, barrier, build_engine, init_distributed,
                                   shutdown_distributed)
@@ -87,6 +87,7 @@ class Trainer:
         self.dist = init_distributed(cfg.train.dist_timeout_s)
         self.out = Path(cfg.train.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
+        check_shared_folder(self.out, self.dist)  # every rank must see the checkpoints rank 0 writes
         self.ckpt = CheckpointManager(self.out, self.dist, cfg.train.keep_last)
         self.accum = cfg.train.accumulation(self.dist.world_size)  # the one place it is computed
         self.step = 0

@@ -1,4 +1,4 @@
-"""Preemption: SIGTERM to a 2-rank ``torchrun`` mid-training (what a scheduler or Ray's downscale sends), then the
+"""Preemption and shared storage. SIGTERM to a 2-rank ``torchrun`` mid-training (what a scheduler or Ray's downscale sends), then the
 same command again, ends with the weights of an uninterrupted run; the MLflow run is marked KILLED in between
 and continued, not duplicated.
 
@@ -68,3 +68,7 @@ def test_sigterm_saves_the_step_and_the_same_command_finishes_like_an_uninterrup
     assert all(torch.equal(a[k], b[k]) for k in b), "weights after preemption + rerun differ from the uninterrupted run"
     again = client.get_run(preempted_run.info.run_id)
     assert again.info.status == "FINISHED" and len(client.search_runs([exp.experiment_id])) == 2  # continued
+
+
+def test_an_out_dir_that_is_not_shared_by_every_rank_is_refused(tmp_path: Path, run_on_two_ranks) -> None:
+    run_on_two_ranks(Path(__file__).with_name("shared_folder_worker.py"), tmp_path)

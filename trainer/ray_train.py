@@ -1,0 +1,246 @@
+"""Training on Ray Train V2: the function every Train worker runs, and the ``TorchTrainer`` around it.
+
+``launch/ray_train.py`` is the command line; :func:`fit` builds the ``TorchTrainer`` (fixed or elastic size,
+failure and checkpoint policy) and each worker runs :func:`train_loop`, which rebuilds the job config and calls
+the very same ``vitvq.trainer.trainer.train(cfg)`` that ``torchrun`` and ``deepspeed`` run. Ray Train has set
+RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR and initialised ``torch.distributed`` (gloo on CPUs, NCCL on GPUs)
+before the function starts, so ``init_distributed`` joins that group and DeepSpeed's communication uses it.
+
+Checkpoints have one source of truth: our ``CheckpointManager`` in ``train.out_dir`` (on storage every node
+sees, same path), whose ``checkpoints/latest`` names the newest complete checkpoint. At each of them every rank
+calls ``ray.train.report`` (a barrier: the save is collective, so every rank reports equally often) and rank 0
+attaches a pointer checkpoint: a folder named like ours (``step_00001000``) holding only
+``vitvq_checkpoint.json``. After a restart every rank resumes from our ``latest``; Ray's ``get_checkpoint()`` is
+checked against it, and a disagreement is said (Ray's record may lag by a report, as its controller polls the
+workers every 2 s) or refused (Ray names a checkpoint that ``out_dir`` lacks: storage not shared).
+Retention: ours is ``train.keep_last``; Ray's ``num_to_keep`` is the same number, so Ray never names a
+checkpoint we deleted and keeps only pointers of a few hundred bytes; pointers uploaded but never registered
+(a crash between the two) are deleted by :func:`prune_pointers` once ``fit`` returns.
+
+Elastic runs (``workers=(lo, hi)``) restart the whole worker group at the new size from our latest checkpoint;
+the Trainer converts it through DeepSpeed's universal format once and recomputes the gradient accumulation, so
+:func:`batch_problem` refuses, before anything starts, a range holding a size that cannot keep the global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import socket
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+from vitvq.configs import from_dict, to_dict
+from vitvq.trainer.checkpoint import CheckpointManager
+from vitvq.trainer.task import stage_classes
+
+POINTER_FILE = "vitvq_checkpoint.json"
+"""The one file of a checkpoint reported to Ray: which of our checkpoints it stands for."""
+
+FORWARD_ENV = ("MLFLOW_", "VITVQ_", "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS")
+"""Driver environment (names or prefixes) that Ray workers get through the job's runtime env: workers on a cluster
+started elsewhere do not inherit the driver's environment (tracking URI, fault injection in tests, JIT cache)."""
+
+Workers = Union[int, tuple[int, int]]
+
+
+# -- before anything starts -----------------------------------------------------------------------
+def parse_workers(spec: str) -> Workers:
+    """``"4"`` -> 4 (fixed); ``"2-8"`` -> (2, 8) (elastic: any size in between, as the cluster allows)."""
+    try:
+        lo, _, hi = spec.partition("-")
+        n = (int(lo), int(hi)) if hi else int(lo)
+    except ValueError:
+        raise ValueError(f"--workers {spec!r}: write N or MIN-MAX, e.g. --workers 2 or --workers 1-4") from None
+    sizes = n if isinstance(n, tuple) else (n, n)
+    if sizes[0] < 1 or sizes[1] < sizes[0]:
+        raise ValueError(f"--workers {spec!r}: sizes must be >= 1 and MIN <= MAX")
+    return n
+
+
+def batch_problem(train_cfg: Any, workers: Workers) -> Optional[str]:
+    """Why some size in ``workers`` cannot keep ``train.global_batch_size`` (= micro x world x accumulation), with
+    the fix; None when every size can."""
+    lo, hi = workers if isinstance(workers, tuple) else (workers, workers)
+    g, m = train_cfg.global_batch_size, train_cfg.micro_batch_size
+    sizes = range(lo, hi + 1)
+    bad = [n for n in sizes if g % (m * n)]
+    if not bad:
+        return None
+    unit = m * math.lcm(*sizes)
+    fits = [n for n in sizes if n not in bad]
+    return (f"train.global_batch_size={g} cannot be kept at {bad} worker(s): it must be divisible by "
+            f"train.micro_batch_size={m} x workers at every size of --workers {lo}-{hi}. Set "
+            f"train.global_batch_size={math.ceil(g / unit) * unit} (a multiple of {unit})"
+            + (f", or use only sizes in {fits}" if fits else "") + ", or change train.micro_batch_size")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def forwarded_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if any(k == p or (p.endswith("_") and k.startswith(p))
+                                                       for p in FORWARD_ENV)}
+
+
+@contextlib.contextmanager
+def ray_cluster(address: Optional[str] = None, num_cpus: Optional[float] = None,
+                num_gpus: Optional[float] = None) -> Iterator[None]:
+    """Connect to the cluster at ``address`` (or ``RAY_ADDRESS``), or start a local one in a short temp dir (Ray's
+    socket paths must stay under 107 characters) and stop it on exit. Never ``ray stop``: that kills every Ray
+    process on the host. A driver already connected (tests, notebooks) is used as it is."""
+    import ray
+    if ray.is_initialized():
+        yield
+        return
+    runtime_env = {"env_vars": forwarded_env()}
+    tmp = None
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, runtime_env=runtime_env)
+    else:
+        tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+        # With the dashboard (on localhost, a free port) Ray Train's placement-group cleaner can read the state
+        # API; without it, it warns "Failed to query Ray Train Controller actor state" every few seconds.
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=_free_port(), _temp_dir=tmp, runtime_env=runtime_env)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- in every Train worker ------------------------------------------------------------------------
+def read_pointer(checkpoint: Any) -> Optional[dict[str, Any]]:
+    """The content of a pointer checkpoint reported by :func:`train_loop` (None: no checkpoint, or not ours)."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        path = Path(folder) / POINTER_FILE
+        return json.loads(path.read_text()) if path.is_file() else None
+
+
+def agree_on_resume(out_dir: Path, ray_pointer: Optional[dict[str, Any]], rank: int) -> Optional[str]:
+    """Collective: the checkpoint every rank will resume from (our ``latest``; None for a fresh run).
+
+    Rank 0 writes a token into ``out_dir`` and broadcasts it with its ``latest``: a rank that reads either
+    differently does not see rank 0's ``out_dir`` and fails with the fix, rather than training from its own."""
+    import ray.train.collective
+    out_dir.mkdir(parents=True, exist_ok=True)
+    found = CheckpointManager(out_dir).latest()
+    ours = found[0] if found else None
+    probe = out_dir / ".ray_train_probe"
+    if rank == 0:
+        probe.write_text(uuid.uuid4().hex)
+    shared = ray.train.collective.broadcast_from_rank_zero({"latest": ours, "token": probe.read_text()
+                                                           if rank == 0 else None})
+    token = probe.read_text() if probe.is_file() else None
+    if token != shared["token"] or ours != shared["latest"]:
+        raise RuntimeError(f"rank {rank} does not see rank 0's train.out_dir={out_dir} (latest checkpoint "
+                           f"{ours!r} here, {shared['latest']!r} on rank 0): put out_dir on storage that every "
+                           f"node mounts at the same path")
+    theirs = ray_pointer.get("tag") if ray_pointer and ray_pointer.get("out_dir") == str(out_dir) else None
+    if ray_pointer and theirs and ours is None:
+        raise RuntimeError(f"Ray's latest checkpoint names {theirs} in {out_dir}, which holds no complete "
+                           f"checkpoint: out_dir must be on storage every node sees, and kept between restarts")
+    if rank == 0:
+        if ray_pointer and not theirs:
+            print(f"ray_train: Ray's checkpoint belongs to another out_dir ({ray_pointer.get('out_dir')}); ignored")
+        if ours and theirs == ours:
+            print(f"ray_train: resuming from {ours} (checkpoints/latest; Ray's latest checkpoint agrees)")
+        elif ours:
+            print(f"ray_train: resuming from {ours} (checkpoints/latest, the source of truth); Ray's latest "
+                  f"checkpoint is {theirs or 'none'}"
+                  + (": Ray had not registered the newer report before the failure" if theirs and theirs < ours
+                     else ""))
+    return ours
+
+
+def train_loop(config: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The function every Ray Train worker runs: ``config`` holds the stage, the job config as a dict and the
+    driver's working directory. Returns rank 0's ``train()`` result (Ray hands it back as ``Result.return_value``)."""
+    import ray.train
+    from vitvq.trainer.trainer import train
+
+    cfg_cls, _ = stage_classes(config["stage"])
+    cfg = from_dict(cfg_cls, config["config"])
+    if config.get("cwd") and Path(config["cwd"]).is_dir():
+        os.chdir(config["cwd"])  # relative paths in the config (data, tokenizer, MLflow's sqlite) mean what they do locally
+    rank = ray.train.get_context().get_world_rank()
+    out_dir = Path(cfg.train.out_dir)
+    agree_on_resume(out_dir, read_pointer(ray.train.get_checkpoint()), rank)
+
+    def report(step: int, tag: str, folder: Path, metrics: dict[str, float]) -> None:
+        meta = {"step": step, "checkpoint": tag, "world_size": ray.train.get_context().get_world_size()}
+        if rank != 0:  # every rank reports (a barrier); rank 0's metrics and checkpoint are the ones kept
+            ray.train.report({**metrics, **meta}, checkpoint=None, checkpoint_dir_name=tag)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / POINTER_FILE).write_text(json.dumps({"tag": tag, "step": step, "out_dir": str(out_dir),
+                                                              "path": str(folder), "world_size": meta["world_size"]}))
+            ray.train.report({**metrics, **meta}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=tag)
+
+    result = train(cfg, on_checkpoint=report)
+    return result if rank == 0 else None
+
+
+# -- on the driver --------------------------------------------------------------------------------
+def fit(cfg: Any, workers: Workers, *, gpus_per_worker: float = 0, cpus_per_worker: float = 1,
+        storage: Optional[str] = None, name: Optional[str] = None, max_failures: int = 0,
+        resize_interval_s: float = 60.0) -> Any:
+    """Train ``cfg`` on Ray Train; returns Ray's ``Result`` (``return_value``: rank 0's ``train()`` result).
+
+    ``storage`` defaults to ``<out_dir>/ray`` and ``name`` to the recipe: the same command resumes the same Ray
+    run (and, through our ``latest``, the same checkpoint and MLflow run)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    problem = batch_problem(cfg.train, workers)
+    if problem:
+        raise ValueError(problem)
+    if gpus_per_worker not in (0, 1):  # a DeepSpeed rank drives one device: cuda:LOCAL_RANK
+        raise ValueError(f"--gpus-per-worker {gpus_per_worker}: each worker is one data-parallel rank on one GPU; "
+                         f"use 1 (or 0 for CPUs) and more workers")
+    out_dir = Path(cfg.train.out_dir).resolve()
+    config = to_dict(cfg)
+    config["train"]["out_dir"] = str(out_dir)  # the workers' working directory may differ from ours
+    scaling = ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
+                            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if gpus_per_worker else {})},
+                            elastic_resize_monitor_interval_s=resize_interval_s)
+    run = RunConfig(name=name or cfg.recipe, storage_path=str(Path(storage).resolve() if storage else out_dir / "ray"),
+                    failure_config=FailureConfig(max_failures=max_failures),
+                    checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last))
+    trainer = TorchTrainer(train_loop, train_loop_config={"stage": cfg.stage, "config": config, "cwd": os.getcwd()},
+                           scaling_config=scaling, run_config=run)
+    result = trainer.fit()
+    prune_pointers(result)
+    return result
+
+
+def prune_pointers(result: Any) -> list[Path]:
+    """Delete pointer checkpoints that Ray does not keep (uploaded, never registered); returns them. Only for
+    local (or mounted) storage; the controller is done, so nothing else is writing there."""
+    root = Path(result.path)
+    if not root.is_dir():
+        return []
+    keep = {Path(c.path).name for c, _ in (result.best_checkpoints or [])}
+    if result.checkpoint is not None:
+        keep.add(Path(result.checkpoint.path).name)
+    stale = [d for d in root.iterdir() if d.is_dir() and (d / POINTER_FILE).is_file() and d.name not in keep]
+    for d in stale:
+        shutil.rmtree(d, ignore_errors=True)
+    return stale
+
+
+__all__ = ["POINTER_FILE", "parse_workers", "batch_problem", "ray_cluster", "read_pointer", "agree_on_resume",
+           "train_loop", "fit", "prune_pointers"]
