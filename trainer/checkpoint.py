@@ -66,8 +66,11 @@ def fsync_tree(folder: Path, newer_than: float = 0.0) -> None:
     for root, dirs, files in os.walk(folder):
         for name in files:
             path = Path(root) / name
-            if path.stat().st_mtime >= newer_than:
-                _fsync(path)
+            try:
+                if path.stat().st_mtime >= newer_than:
+                    _fsync(path)
+            except FileNotFoundError:  # another rank's temporary file, renamed meanwhile (it syncs its own)
+                continue
         _fsync(Path(root))
 
 
