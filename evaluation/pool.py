@@ -25,6 +25,18 @@ import numpy as np
 from tqdm import tqdm
 
 
+def add_worker_arguments(parser: Any, workers: int, gpus: Optional[float] = 0.0) -> None:
+    """The command-line flags of an ActorPool job (``--workers``, ``--address``, ``--cpus-per-worker``,
+    ``--gpus-per-worker``), shared by launch/evaluate.py, encode_tokens.py and sample.py."""
+    parser.add_argument("--workers", type=int, default=workers,
+                        help=f"Ray actors (default {workers}); 0 = in this process, no Ray")
+    parser.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local one)")
+    parser.add_argument("--cpus-per-worker", type=float, default=1, help="CPU cores (and torch threads) per actor")
+    parser.add_argument("--gpus-per-worker", type=float, default=gpus,
+                        help="GPUs per actor (fractions share a GPU)" + ("" if gpus is not None else
+                                                                          "; default 1 with CUDA and Ray workers"))
+
+
 class ActorPool:
     """``workers`` Ray actors of ``worker_cls(*args)`` (a local cluster, or the one at ``address``), or one
     in-process instance (``workers=0``). ``ready`` names a method every worker answers once it is up; the first

@@ -22,6 +22,7 @@ import os
 import time
 
 from vitvq.data.encode import encode_tokens
+from vitvq.evaluation.pool import add_worker_arguments
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -35,10 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--split", default="train", help="split name in the shard names (train, val, ...)")
     p.add_argument("--augment", choices=["center", "flip", "tencrop"], default="center",
                    help="views per image: centered square (1), + its mirror (2), LlamaGen's ten-crop (10)")
-    p.add_argument("--workers", type=int, default=0, help="Ray actors; 0 = in this process, no Ray")
-    p.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local one)")
-    p.add_argument("--cpus-per-worker", type=float, default=1, help="CPU cores (and torch threads) per actor")
-    p.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per actor (fractions share a GPU)")
+    add_worker_arguments(p, workers=0)
     p.add_argument("--device", default="cpu", help="torch device of the tokenizer (cpu, cuda)")
     p.add_argument("--batch-size", type=int, default=64, help="images (views) per forward pass")
     p.add_argument("--limit", type=int, default=None, help="encode only the first N samples (quick runs)")

@@ -25,15 +25,13 @@ from vitvq.evaluation.inception import InceptionWeightsError
 from vitvq.evaluation.workers import (EvalResult, Source, WorkerPool, compute_ref_stats, evaluate_gfid,
                                   evaluate_rfid)
 from vitvq.evaluation.metrics import save_ref_stats
+from vitvq.evaluation.pool import add_worker_arguments
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("workers and weights")
-    g.add_argument("--workers", type=int, default=1, help="Ray actors (default 1); 0 = in this process, no Ray")
-    g.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local one)")
-    g.add_argument("--cpus-per-worker", type=float, default=1, help="CPU cores (and torch threads) per actor")
-    g.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per actor (fractions share a GPU)")
+    add_worker_arguments(g, workers=1)
     g.add_argument("--device", default="cpu", help="torch device in the workers (cuda needs --gpus-per-worker)")
     g.add_argument("--batch-size", type=int, default=32, help="images per forward pass in a worker")
     g.add_argument("--inception-weights", default=None, metavar="PATH",

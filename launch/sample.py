@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from vitvq.configs import from_dict
+from vitvq.evaluation.pool import add_worker_arguments
 from vitvq.evaluation.sampling import (MAX_SEED, ORDER_RULE, SEED_RULE, SampleJob, SamplePlan, check_exports,
                                        sample_images, sha256_file)
 from vitvq.models.prior import PriorConfig
@@ -52,12 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--seed", type=int, default=0, help="base seed: sample i gets splitmix64(seed * 2**31 + i)")
     r = p.add_argument_group("workers")
     r.add_argument("--batch-size", type=int, default=32, help="samples per generate() call in a worker")
-    r.add_argument("--workers", type=int, default=0, help="Ray actors (default 0 = in this process, no Ray)")
-    r.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local one)")
+    add_worker_arguments(r, workers=0, gpus=None)
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
-    r.add_argument("--cpus-per-worker", type=float, default=1, help="CPU cores (and torch threads) per actor")
-    r.add_argument("--gpus-per-worker", type=float, default=None,
-                   help="GPUs per actor (fractions share a GPU; default 1 with --device cuda and --workers > 0)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
