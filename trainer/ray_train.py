@@ -31,7 +31,6 @@ import os
 import shutil
 import socket
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
@@ -86,6 +85,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_request(train_cfg: Any, workers: Workers, gpus_per_worker: float) -> None:
+    """Refuse (ValueError, with the fix) what cannot run: a size that cannot keep the global batch, or a worker
+    that is not one rank on one device."""
+    problem = batch_problem(train_cfg, workers)
+    if problem:
+        raise ValueError(problem)
+    if gpus_per_worker not in (0, 1):  # a DeepSpeed rank drives one device, cuda:LOCAL_RANK
+        raise ValueError(f"--gpus-per-worker {gpus_per_worker:g}: each worker is one data-parallel rank on one GPU; "
+                         f"use 1 (or 0 for CPU ranks) and more workers")
+
+
 def forwarded_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if any(k == p or (p.endswith("_") and k.startswith(p))
                                                        for p in FORWARD_ENV)}
@@ -129,40 +139,26 @@ def read_pointer(checkpoint: Any) -> Optional[dict[str, Any]]:
         return json.loads(path.read_text()) if path.is_file() else None
 
 
-def agree_on_resume(out_dir: Path, ray_pointer: Optional[dict[str, Any]], rank: int) -> Optional[str]:
-    """Collective: the checkpoint every rank will resume from (our ``latest``; None for a fresh run).
-
-    Rank 0 writes a token into ``out_dir`` and broadcasts it with its ``latest``: a rank that reads either
-    differently does not see rank 0's ``out_dir`` and fails with the fix, rather than training from its own."""
-    import ray.train.collective
-    out_dir.mkdir(parents=True, exist_ok=True)
+def resume_note(out_dir: Path, ray_pointer: Optional[dict[str, Any]]) -> Optional[str]:
+    """What a (re)starting worker says about where it resumes: our ``latest`` (the Trainer resumes from it) against
+    Ray's ``get_checkpoint()``; None on a fresh run. Refuses when Ray names a checkpoint that ``out_dir`` lacks (the
+    Trainer itself refuses an ``out_dir`` that is not the same storage on every rank)."""
     found = CheckpointManager(out_dir).latest()
     ours = found[0] if found else None
-    probe = out_dir / ".ray_train_probe"
-    if rank == 0:
-        probe.write_text(uuid.uuid4().hex)
-    shared = ray.train.collective.broadcast_from_rank_zero({"latest": ours, "token": probe.read_text()
-                                                           if rank == 0 else None})
-    token = probe.read_text() if probe.is_file() else None
-    if token != shared["token"] or ours != shared["latest"]:
-        raise RuntimeError(f"rank {rank} does not see rank 0's train.out_dir={out_dir} (latest checkpoint "
-                           f"{ours!r} here, {shared['latest']!r} on rank 0): put out_dir on storage that every "
-                           f"node mounts at the same path")
     theirs = ray_pointer.get("tag") if ray_pointer and ray_pointer.get("out_dir") == str(out_dir) else None
-    if ray_pointer and theirs and ours is None:
-        raise RuntimeError(f"Ray's latest checkpoint names {theirs} in {out_dir}, which holds no complete "
-                           f"checkpoint: out_dir must be on storage every node sees, and kept between restarts")
-    if rank == 0:
-        if ray_pointer and not theirs:
-            print(f"ray_train: Ray's checkpoint belongs to another out_dir ({ray_pointer.get('out_dir')}); ignored")
-        if ours and theirs == ours:
-            print(f"ray_train: resuming from {ours} (checkpoints/latest; Ray's latest checkpoint agrees)")
-        elif ours:
-            print(f"ray_train: resuming from {ours} (checkpoints/latest, the source of truth); Ray's latest "
-                  f"checkpoint is {theirs or 'none'}"
-                  + (": Ray had not registered the newer report before the failure" if theirs and theirs < ours
-                     else ""))
-    return ours
+    if theirs and ours is None:
+        raise RuntimeError(f"Ray's latest checkpoint names {theirs} in {out_dir}, which holds no complete checkpoint: "
+                           f"train.out_dir must be on storage every node sees, and kept between restarts")
+    if ray_pointer and not theirs:
+        return (f"Ray's latest checkpoint belongs to another out_dir ({ray_pointer.get('out_dir')}), ignored; "
+                + (f"resuming from {ours} (checkpoints/latest)" if ours else "starting fresh"))
+    if ours is None:
+        return None
+    if theirs == ours:
+        return f"resuming from {ours} (checkpoints/latest; Ray's latest checkpoint agrees)"
+    lag = ": Ray had not registered the newer report before the failure" if theirs and theirs < ours else ""
+    return (f"resuming from {ours} (checkpoints/latest, the source of truth); Ray's latest checkpoint is "
+            f"{theirs or 'none'}{lag}")
 
 
 def train_loop(config: dict[str, Any]) -> Optional[dict[str, Any]]:
@@ -174,10 +170,14 @@ def train_loop(config: dict[str, Any]) -> Optional[dict[str, Any]]:
     cfg_cls, _ = stage_classes(config["stage"])
     cfg = from_dict(cfg_cls, config["config"])
     if config.get("cwd") and Path(config["cwd"]).is_dir():
-        os.chdir(config["cwd"])  # relative paths in the config (data, tokenizer, MLflow's sqlite) mean what they do locally
+        # Relative paths of the config (data, tokenizer, MLflow's sqlite:///mlflow.db) mean what they mean for the
+        # plain launchers; Ray Train would otherwise run the function in its own run folder.
+        os.chdir(config["cwd"])
     rank = ray.train.get_context().get_world_rank()
     out_dir = Path(cfg.train.out_dir)
-    agree_on_resume(out_dir, read_pointer(ray.train.get_checkpoint()), rank)
+    note = resume_note(out_dir, read_pointer(ray.train.get_checkpoint()))
+    if note and rank == 0:
+        print(f"ray_train: {note}", flush=True)
 
     def report(step: int, tag: str, folder: Path, metrics: dict[str, float]) -> None:
         meta = {"step": step, "checkpoint": tag, "world_size": ray.train.get_context().get_world_size()}
@@ -203,14 +203,12 @@ def fit(cfg: Any, workers: Workers, *, gpus_per_worker: float = 0, cpus_per_work
     ``storage`` defaults to ``<out_dir>/ray`` and ``name`` to the recipe: the same command resumes the same Ray
     run (and, through our ``latest``, the same checkpoint and MLflow run)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
-    problem = batch_problem(cfg.train, workers)
-    if problem:
-        raise ValueError(problem)
-    if gpus_per_worker not in (0, 1):  # a DeepSpeed rank drives one device: cuda:LOCAL_RANK
-        raise ValueError(f"--gpus-per-worker {gpus_per_worker}: each worker is one data-parallel rank on one GPU; "
-                         f"use 1 (or 0 for CPUs) and more workers")
+    check_request(cfg.train, workers, gpus_per_worker)
+    # Ray Train's print patch copies every print of the workers into its own logs and still prints it: each line
+    # (the progress bar, the resume notes) would reach the driver twice. Propagated to the workers by Ray.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     out_dir = Path(cfg.train.out_dir).resolve()
     config = to_dict(cfg)
     config["train"]["out_dir"] = str(out_dir)  # the workers' working directory may differ from ours
@@ -220,8 +218,10 @@ def fit(cfg: Any, workers: Workers, *, gpus_per_worker: float = 0, cpus_per_work
     run = RunConfig(name=name or cfg.recipe, storage_path=str(Path(storage).resolve() if storage else out_dir / "ray"),
                     failure_config=FailureConfig(max_failures=max_failures),
                     checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last))
+    # Ray Train creates the process group (init_distributed then joins it): give it our collective timeout.
     trainer = TorchTrainer(train_loop, train_loop_config={"stage": cfg.stage, "config": config, "cwd": os.getcwd()},
-                           scaling_config=scaling, run_config=run)
+                           torch_config=TorchConfig(timeout_s=cfg.train.dist_timeout_s), scaling_config=scaling,
+                           run_config=run)
     result = trainer.fit()
     prune_pointers(result)
     return result
@@ -242,5 +242,5 @@ def prune_pointers(result: Any) -> list[Path]:
     return stale
 
 
-__all__ = ["POINTER_FILE", "parse_workers", "batch_problem", "ray_cluster", "read_pointer", "agree_on_resume",
+__all__ = ["POINTER_FILE", "parse_workers", "batch_problem", "check_request", "ray_cluster", "read_pointer", "resume_note",
            "train_loop", "fit", "prune_pointers"]
