@@ -111,7 +111,10 @@ def ray_cluster(address: Optional[str] = None, num_cpus: Optional[float] = None,
     if ray.is_initialized():
         yield
         return
-    runtime_env = {"env_vars": forwarded_env()}
+    # Inside a Ray job (launch/submit.py) the job's runtime env already carries the environment; a second one
+    # naming the same variables is refused by Ray ("Failed to merge the Job's runtime env"), echoing their values.
+    in_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+    runtime_env = None if in_job else {"env_vars": forwarded_env()}
     tmp = None
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, runtime_env=runtime_env)
