@@ -7,7 +7,8 @@ real launcher on the ImageNet photographs (classes 0-899 for training with rando
 validation), once per quantizer and variant:
 - quantizers: the paper's (8192 codes x 32-d, l2-normalized) and the demo's (512 x 16);
 - variants: nothing (random codes, gradient-learned), data init (k-means on the first batches' lookup vectors),
-  restarts (dead codes replaced every 10 steps), both, EMA (moving-average codebook, random codes).
+  restarts (codes unused in a window replaced by distinct encoder vectors of it; a check every 10 steps, once the
+  window holds a token per code), both, EMA (moving-average codebook, random codes).
 Prints one row per run: usage and perplexity over the trainer's health window (the last ``health_window`` steps,
 default 100: a single 1024-token batch could use at most 1024 of 8192 codes), the same on the validation images,
 validation PSNR, and the wall time. The LPIPS trunk is random (no weights on an offline machine): the perceptual
@@ -31,11 +32,12 @@ from vitvq.data.sources import Listing, list_imagenet
 ROOT = Path(__file__).resolve().parents[1]
 QUANTIZERS = {"paper": ["model.quantizer.codebook_size=8192", "model.quantizer.code_dim=32"],
               "demo": ["model.quantizer.codebook_size=512", "model.quantizer.code_dim=16"]}
+VQ = "model.quantizer.kind=vq"  # gradient-learned codes whatever the demo recipe's kind
 VARIANTS = {
-    "nothing": ["model.quantizer.init=random", "model.quantizer.restart_dead_codes=false"],
-    "data init": ["model.quantizer.init=kmeans", "model.quantizer.restart_dead_codes=false"],
-    "restarts": ["model.quantizer.init=random", "model.quantizer.restart_dead_codes=true"],
-    "both": ["model.quantizer.init=kmeans", "model.quantizer.restart_dead_codes=true"],
+    "nothing": [VQ, "model.quantizer.init=random", "model.quantizer.restart_dead_codes=false"],
+    "data init": [VQ, "model.quantizer.init=kmeans", "model.quantizer.restart_dead_codes=false"],
+    "restarts": [VQ, "model.quantizer.init=random", "model.quantizer.restart_dead_codes=true"],
+    "both": [VQ, "model.quantizer.init=kmeans", "model.quantizer.restart_dead_codes=true"],
     "EMA": ["model.quantizer.kind=ema", "model.quantizer.init=random", "model.quantizer.restart_dead_codes=false"],
 }
 

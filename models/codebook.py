@@ -13,14 +13,15 @@ batches, and a collective inside an uneven loop hangs.
 State changes wait for a verdict: ``observe`` (in the forward) only computes what the EMA statistics and the
 restart window would become; ``commit()`` applies it once the trainer knows the micro-batch's losses are finite
 on every rank, ``discard()`` drops it. Dead-code restarts run at the end of an optimizer step (``end_step``),
-and k-means initialisation (``init_from_data``) once, before the first step. Rows of a gradient-learned
-codebook are written through an injected ``write_rows(param, rows, values)``: an optimizer may keep its own
-fp32 master copy and moments (DeepSpeed's ZeRO and bf16 optimizers do), which a write to the parameter alone
-would not reach, and the next optimizer step would undo it.
+and k-means initialisation (``init_from_data``) once, before the first step.
 
-Numerics: distances, argmin, l2-norms and entropies run in fp32 with autocast off, whatever the parameter
-dtype (DeepSpeed bf16 casts parameters, so autocast alone is not enough); the EMA codebook and its
-statistics stay fp32 buffers even after ``module.to(torch.bfloat16)``.
+Restarted codes take distinct lookup vectors of the window (the steps since the last check; the most recent
+``size`` vectors on each rank), since the nearest-code search only ever picks the first of identical codes:
+issue 10's 8192 codes at 1024 tokens a step restarted about 6000 codes every 10 steps by drawing with
+replacement from one micro-batch, about six copies of each vector, and used 64% of the codebook; distinct
+vectors used 99.6% (``benchmarks/codebook_health.py``). A check therefore waits until its window holds
+``window_uses`` tokens per code (1: a vector for every code). Longer windows tell rare codes from dead ones
+better, but restart too late for an encoder that leaves its codes within tens of steps (8: 62%).
 """
 
 from __future__ import annotations
@@ -110,11 +111,12 @@ class Codebook(nn.Module):
 
     def __init__(self, size: int, dim: int, *, l2_norm: bool, ema: bool, decay: float = 0.99,
                  eps: float = 1e-5, restart: bool = False, dead_threshold: float = 1.0,
-                 restart_every: int = 200):
+                 restart_every: int = 200, window_uses: float = 0.0):
         super().__init__()
         self.size, self.dim, self.l2_norm, self.ema = size, dim, l2_norm, ema
         self.decay, self.eps = decay, eps
         self.restart, self.dead_threshold, self.restart_every = restart, dead_threshold, restart_every
+        self.window_uses = window_uses
         if l2_norm or ema:
             init = torch.randn(size, dim)
             if l2_norm:  # unit rows from the start: the data they stand for has norm 1
@@ -137,7 +139,9 @@ class Codebook(nn.Module):
         self.write_rows: RowWriter = write_rows_inplace
         self.rank, self.world_size, self.step = 0, 1, 0
         self._pending: list[tuple[Tensor, Optional[Tensor], Tensor]] = []  # (counts, EMA sums, vectors)
-        self._pool: Optional[Tensor] = None  # this rank's vectors of the last committed micro-batch
+        # This rank's vectors since the last check, the newest max(size, one micro-batch) of them: in memory only,
+        # so a run resumed between two checks draws its restarts from the vectors seen since the resume.
+        self._pool: Optional[Tensor] = None
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's private signature
         # DeepSpeed bf16 calls module.bfloat16(): keep the EMA statistics fp32 (a 0.99-decay average in bf16
@@ -206,8 +210,9 @@ class Codebook(nn.Module):
                 self._ema_update(counts, ema_sums)
             if self.restart:
                 self.window_counts += counts
-            if vectors is not None:
-                self._pool = vectors
+            if vectors is not None and self.restart:
+                keep = max(self.size, vectors.shape[0])
+                self._pool = vectors if self._pool is None else torch.cat([self._pool, vectors])[-keep:]
         self._pending.clear()
 
     def discard(self) -> None:
@@ -236,31 +241,39 @@ class Codebook(nn.Module):
     # -- restarts: at the end of an optimizer step ------------------------------------------------------
     @torch.no_grad()
     def end_step(self, step: int) -> int:
-        """At a restart step (every ``restart_every`` optimizer steps), replace the dead codes by vectors of the
-        last committed micro-batch; returns how many were replaced. Collective when due: every rank calls it.
+        """At a check (every ``restart_every`` optimizer steps, once the window holds ``window_uses`` tokens per
+        code), replace the dead codes by distinct vectors of the window; returns how many were replaced.
+        Collective when due: every rank calls it.
 
-        Dead = fewer than ``dead_threshold`` global uses since the last check; the window is built from
-        all-reduced counts, so every rank picks the same slots. Slot j is filled by rank ``j % world_size``
+        Dead = fewer than ``dead_threshold`` global uses in the window (the steps since the last check); the window
+        is built from all-reduced counts, so every rank decides alike. Slot j is filled by rank ``j % world_size``
         with one of its own vectors while the other ranks contribute zeros; one summed collective then gives
         every rank the same new codes (a sum of one vector and zeros is exact).
         """
         if not (self.restart and self.training and step > 0 and step % self.restart_every == 0):
             return 0
+        total = float(self.window_counts.sum())  # global tokens of the window, the same on every rank
+        if total == 0 or self._pool is None:  # nothing observed since the last check
+            return 0
+        if total < self.window_uses * self.size:  # too short to tell dead from rare: keep the window open
+            return 0
         window = self.window_counts.clone()
         self.window_counts.zero_()
-        if window.sum() == 0 or self._pool is None:  # nothing observed since the last check
-            return 0
+        x, self._pool = self._pool, None
         dead = (window < self.dead_threshold).nonzero().squeeze(1)  # identical on every rank
         n = dead.numel()
         if n == 0:
             return 0
-        x = self._pool
-        gen = torch.Generator().manual_seed(step * 65_537 + self.rank)  # reproducible per (step, rank)
-        pos = torch.randint(x.shape[0], (n,), generator=gen).to(x.device)
         mine = torch.arange(n, device=x.device) % self.world_size == self.rank  # (n,) slots this rank owns
+        k = int(mine.sum())
+        gen = torch.Generator().manual_seed(step * 65_537 + self.rank)  # reproducible per (step, rank)
+        if k <= x.shape[0]:  # distinct vectors: identical codes would leave all but the first unused
+            pos = torch.randperm(x.shape[0], generator=gen)[:k]
+        else:  # fewer vectors than slots (window_uses < 1): some codes start equal
+            pos = torch.randint(x.shape[0], (k,), generator=gen)
         with fp32_island(x.device):
             buf = torch.zeros(n, self.dim + 1, device=x.device)
-            buf[mine, : self.dim] = x.float()[pos[mine]]
+            buf[mine, : self.dim] = x.float()[pos.to(x.device)]
             buf[mine, self.dim] = 1.0
             self.all_reduce(buf)
             if not bool((buf[:, self.dim] == 1).all()):  # same verdict on every rank: no one hangs

@@ -63,9 +63,12 @@ class QuantizerConfig:
     restart_dead_codes: bool = False
     """Replace rarely used codes by encoder vectors of the current batch (vq, ema, residual)."""
     dead_threshold: float = 1.0
-    """A code is dead when used fewer times than this (summed over ranks) since the last restart check."""
+    """A code is dead when used fewer times than this (summed over ranks) in a restart window."""
     restart_every: int = 200
-    """Steps between dead-code checks."""
+    """Steps between dead-code checks; a check whose window is still too short (restart_window_uses) waits."""
+    restart_window_uses: float = 1.0
+    """A restart window (the steps since the last check) closes only once it holds this many tokens per code, the
+    uses a uniformly used code expects (1: a distinct restart vector for every code; 0: close at every check)."""
     init: Literal["random", "kmeans"] = "random"
     """Codebook start: random codes, or k-means on the encoder's lookup vectors of the first batches (all ranks)."""
     kmeans_points: int = 65_536
@@ -93,6 +96,8 @@ class QuantizerConfig:
               self.restart_dead_codes, "gumbel picks codes from logits, not by distance: set it false")
         check(self.dead_threshold >= 0, "dead_threshold", self.dead_threshold, "must be >= 0")
         check(self.restart_every >= 1, "restart_every", self.restart_every, "must be >= 1 step")
+        check(self.restart_window_uses >= 0, "restart_window_uses", self.restart_window_uses,
+              "must be >= 0 expected uses per code (0 closes the window at every check)")
         check(not (self.kind == "gumbel" and self.init == "kmeans"), "init", self.init,
               "gumbel picks codes from logits, not by distance: set it to random")
         check(self.kmeans_points >= 1, "kmeans_points", self.kmeans_points, "must be positive")
@@ -368,7 +373,7 @@ class ResidualQuantizer(Quantizer):
 def _make_codebook(cfg: QuantizerConfig, ema: bool) -> Codebook:
     return Codebook(cfg.codebook_size, cfg.code_dim, l2_norm=cfg.l2_norm, ema=ema, decay=cfg.ema_decay,
                     eps=cfg.ema_eps, restart=cfg.restart_dead_codes, dead_threshold=cfg.dead_threshold,
-                    restart_every=cfg.restart_every)
+                    restart_every=cfg.restart_every, window_uses=cfg.restart_window_uses)
 
 
 def build_quantizer(cfg: QuantizerConfig, dim: int) -> Quantizer:

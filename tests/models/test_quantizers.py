@@ -284,7 +284,7 @@ def test_residual_level_two_quantizes_the_residual_of_level_one(shared):
 
 def test_dead_code_restart_replaces_exactly_the_dead_codes_with_batch_vectors():
     q = make(dim=4, kind="vq", codebook_size=8, code_dim=4, l2_norm=False, factorize=False,
-             restart_dead_codes=True, restart_every=2, dead_threshold=1.0).train()
+             restart_dead_codes=True, restart_every=2, dead_threshold=1.0, restart_window_uses=0.0).train()
     init = torch.cat([torch.eye(4), 50 + torch.arange(16.0).reshape(4, 4)])  # codes 4..7 far from the data
     with torch.no_grad():
         q.codebook.weight.copy_(init)
@@ -326,6 +326,55 @@ def test_dead_code_restart_replaces_exactly_the_dead_codes_with_batch_vectors():
     assert torch.equal(q.codebook.weight, snapshot)
 
 
+def test_a_restart_window_stays_open_until_it_holds_enough_tokens_per_code():
+    """8 codes, restart_window_uses 2: a check needs 16 tokens in its window. 12 tokens (one micro-batch) keep it
+    open, counts and vectors kept; 24 close it. A code used once in 24 tokens is then dead (threshold 2)."""
+    q = make(dim=4, kind="vq", codebook_size=8, code_dim=4, l2_norm=False, factorize=False, restart_dead_codes=True,
+             restart_every=1, dead_threshold=2.0, restart_window_uses=2.0).train()
+    with torch.no_grad():
+        q.codebook.weight.copy_(torch.cat([torch.eye(4), -torch.eye(4)]))  # code k+4 = -e_k
+
+    def batch(seed: int) -> torch.Tensor:  # 12 vectors: 5 near e0, 5 near e1, 1 near e2, 1 near -e0
+        g = torch.Generator().manual_seed(seed)
+        rows = torch.cat([torch.eye(4)[[0] * 5 + [1] * 5 + [2]], -torch.eye(4)[:1]])
+        rows = rows + 0.01 * torch.randn(12, 4, generator=g)
+        return rows.T.reshape(1, 4, 3, 4)
+
+    q.set_step(1)
+    q(batch(0))
+    q.commit()
+    assert q.end_step(1) == 0  # 12 < 2 x 8 tokens: no check yet
+    assert q.codebook.window_counts.tolist() == [5, 5, 1, 0, 1, 0, 0, 0]  # the window goes on
+    q.set_step(2)
+    q(batch(1))
+    q.commit()
+    assert q.end_step(2) == 4  # 24 tokens: codes 3, 5, 6, 7 (unused) restart; codes 2 and 4 were used twice
+    assert q.codebook.window_counts.sum() == 0
+
+
+def test_restarts_take_distinct_vectors_from_the_whole_window():
+    """7 dead codes, micro-batches of 4 vectors: the last micro-batch alone would give at least 3 duplicates (the
+    nearest-code search only ever picks the first of equal codes); the newest 8 of the window's 12 vectors give 7
+    distinct ones."""
+    q = make(dim=4, kind="vq", codebook_size=8, code_dim=4, l2_norm=False, factorize=False, restart_dead_codes=True,
+             restart_every=3, restart_window_uses=1.0).train()
+    with torch.no_grad():
+        q.codebook.weight.copy_(torch.cat([torch.zeros(1, 4), 100 + torch.randn(7, 4)]))  # only code 0 near the data
+    window = []
+    for step in (1, 2, 3):
+        z = 0.1 * torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(step))
+        window.append(torch.from_numpy(to_rows(z)).float())
+        q.set_step(step)
+        q(z)
+        q.commit()
+        assert q.end_step(step) == (7 if step == 3 else 0)
+    w = q.codebook.weight.detach()
+    rows = torch.cat(window)  # (12, 4)
+    assert all(any(torch.equal(w[k], r) for r in rows) for k in range(1, 8))
+    assert len({tuple(w[k].tolist()) for k in range(1, 8)}) == 7, "restarted codes are not distinct"
+    assert q.codebook._pool is None  # the next window draws from its own vectors
+
+
 def test_a_discarded_micro_batch_changes_no_statistics():
     """EMA codes, cluster sizes and the restart window change only on commit (issue: a NaN micro-batch)."""
     q = make(dim=4, kind="ema", codebook_size=8, code_dim=4, restart_dead_codes=True, restart_every=1).train()
@@ -342,7 +391,7 @@ def test_a_discarded_micro_batch_changes_no_statistics():
 
 def test_restart_with_wrong_topology_fails_loudly():
     q = make(dim=4, kind="ema", codebook_size=8, code_dim=4, restart_dead_codes=True, restart_every=1,
-             dead_threshold=1e9).train()
+             dead_threshold=1e9, restart_window_uses=0.0).train()
     q.set_all_reduce(lambda t: t.mul_(2))  # two ranks that both claim rank 0 of world size 1
     q.set_step(1)
     q(torch.randn(1, 4, 2, 2))

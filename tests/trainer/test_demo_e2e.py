@@ -111,6 +111,6 @@ def test_compare_lists_two_runs_with_their_differing_config(demo_run, tmp_path: 
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     text = res.stdout
-    assert "optim_g.lr" in text and "0.0003" in text and "0.001" in text
+    assert "optim_g.lr" in text and "0.0003" in text and "0.0005" in text  # the override and the recipe's lr
     assert "train.steps" in text and "train/total_loss" in text and "bf16" in text
     assert "model.encoder.width" not in text  # equal in both runs: not a difference
