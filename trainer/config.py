@@ -87,6 +87,9 @@ class TrainConfig:
     """MLflow run name; default = the recipe name."""
     tracking: bool = True
     """Log to MLflow (MLFLOW_TRACKING_URI, else MLflow's default store)."""
+    parent_run_id: Optional[str] = None
+    """MLflow run this one is a step of (``launch/pipeline.py`` sets it): a new run is tagged ``mlflow.parentRunId``
+    so that the MLflow UI nests it. Bookkeeping only: not part of ``config_hash``."""
     progress: bool = True
     """Show a progress bar on rank 0."""
     on_world_size_change: Literal["convert", "refuse"] = "convert"
@@ -194,8 +197,12 @@ def load_stage1_config(path: str | Path | None, overrides: list[str] | None = No
 
 
 def config_hash(cfg: object) -> str:
-    """Short stable hash of the resolved config, stored in checkpoints to flag a changed config on resume."""
-    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+    """Short stable hash of the resolved config, stored in checkpoints to flag a changed config on resume (without
+    ``train.parent_run_id``: the pipeline invocation that continues a run is not a change of the run)."""
+    data = to_dict(cfg)
+    if isinstance(data.get("train"), dict):
+        data["train"].pop("parent_run_id", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def stage1_from_flat(flat: dict) -> Stage1Config:

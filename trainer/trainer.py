@@ -124,7 +124,8 @@ class Trainer:
             rank=self.dist.rank, enabled=cfg.train.tracking, experiment=cfg.train.experiment,
             run_name=cfg.train.run_name or cfg.recipe, run_id=self.run_id if resume else None, tracking_uri=None,
             tags={"git_commit": git_commit() or "unknown", "world_size": str(self.dist.world_size),
-                  "recipe": cfg.recipe, "config_hash": config_hash(cfg), "stage": self.task.name, **self.task.tags()})
+                  "recipe": cfg.recipe, "config_hash": config_hash(cfg), "stage": self.task.name, **self.task.tags(),
+                  **({"mlflow.parentRunId": cfg.train.parent_run_id} if cfg.train.parent_run_id else {})})
         self.run_id = self.tracker.run_id
         # What this process runs on, at the step it starts from: a restart or a resize shows as a change here
         # (restarts = how often this MLflow run was resumed; a NullTracker has no count and records nothing).
