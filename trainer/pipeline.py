@@ -1,0 +1,539 @@
+"""The whole pipeline in one submission: stage 1 -> export -> token encoding -> stage 2 -> sampling -> gFID/IS.
+
+``launch/pipeline.py --config configs/pipeline/<name>.yaml`` runs it on a Ray cluster (a local one by default).
+Each step runs with its own resources: the two trainings as Ray Train runs (``trainer/ray_train.fit``, the same
+as ``launch/ray_train.py``), the export as a Ray task, and encoding, reference statistics, sampling and gFID on
+their own Ray actor pools (``evaluation/pool.py``), as their launchers run them.
+
+Lineage. Every step's output is a function of a key: the resolved recipe of a training (without bookkeeping such
+as ``train.out_dir`` or the MLflow names), the dataset index's sha256, the settings of the step, and the sha256 of
+the files it reads (the tokenizer export, the token indexes, the prior export, the samples, the reference). The
+step's lineage hash is the sha256 of that key; its folder is ``<root>/<step>-<lineage[:12]>`` and it ends by
+writing ``step.json`` (lineage, key, outputs and their sha256, MLflow run, seconds) atomically, last. A step is
+skipped when its ``step.json`` exists with the same lineage and every output file still has the sha256 recorded
+there. So a rerun skips everything, a changed tokenizer recipe re-runs the tokenizer and every step downstream of
+it but not the reference statistics of the real images, and an interrupted step runs again in the same folder:
+a training resumes from its latest checkpoint (and MLflow run), the encoder keeps the shards it had written.
+
+MLflow: one parent run per invocation (experiment ``experiment``), a child run per step that runs (the trainings'
+own runs, tagged ``mlflow.parentRunId`` through ``train.parent_run_id``; a run per other step, written here),
+each tagged with its step and lineage. The parent records every step as ``step.<name>.status`` (ran / skipped),
+``step.<name>.lineage`` and ``step.<name>.run_id`` (for a skipped step, the run of the invocation that made its
+output), and gets the final gFID/IS and the sample grid.
+
+Written here rather than with a workflow engine (Ray Workflows is deprecated, Ray DAGs cache nothing across
+invocations): what is needed is a content-addressed skip rule and the MLflow tree, a few dozen lines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
+
+from vitvq.configs import check, flatten, load, to_dict
+from vitvq.data.shards import sha256_file
+from vitvq.trainer.config import load_job_config
+
+STEPS = ("stage1", "export", "encode", "stage2", "ref", "sample", "gfid")
+MANIFEST = "step.json"
+BOOKKEEPING = ("out_dir", "experiment", "run_name", "parent_run_id", "tracking", "progress")
+"""``train.*`` fields that name where a training writes and how it shows progress, not what it computes: left out of
+its lineage."""
+
+
+# -- config ---------------------------------------------------------------------------------------
+@dataclass
+class TrainStep:
+    recipe: str = ""
+    """Recipe YAML of the stage (e.g. configs/stage1/demo.yaml), relative to the working directory."""
+    overrides: list[str] = field(default_factory=list)
+    """Dotted key=value overrides of the recipe (the pipeline sets out_dir, MLflow names and, in stage 2, the
+    tokenizer and token indexes itself)."""
+    workers: str = "1"
+    """Ray Train workers: N, or MIN-MAX for an elastic run."""
+    cpus_per_worker: float = 1
+    """CPUs per Train worker."""
+    gpus_per_worker: float = 0
+    """0 (CPU ranks) or 1."""
+    max_failures: int = 0
+    """Worker-group failures (crashes, lost nodes) Ray restarts from (-1: no limit)."""
+
+    def __post_init__(self) -> None:
+        from vitvq.trainer.ray_train import parse_workers
+        check(bool(self.recipe), "recipe", self.recipe, "name the stage's recipe YAML, e.g. configs/stage1/demo.yaml")
+        try:
+            parse_workers(self.workers)
+        except ValueError as e:
+            check(False, "workers", self.workers, str(e))
+        check(self.gpus_per_worker in (0, 1), "gpus_per_worker", self.gpus_per_worker, "must be 0 or 1")
+        check(self.cpus_per_worker > 0, "cpus_per_worker", self.cpus_per_worker, "must be > 0")
+        check(self.max_failures >= -1, "max_failures", self.max_failures, "must be >= -1 (-1: no limit)")
+
+
+@dataclass
+class PoolStep:
+    """Where a bulk step (encoding, statistics, sampling, gFID) runs: Ray actors, each with these resources."""
+    workers: int = 1
+    """Ray actors (0: in the pipeline's own process)."""
+    cpus_per_worker: float = 1
+    """CPU cores (and torch threads) per actor."""
+    gpus_per_worker: float = 0
+    """GPUs per actor (fractions share a GPU)."""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """torch device in the actors (cuda needs gpus_per_worker > 0)."""
+    batch_size: int = 32
+    """Images per forward pass."""
+
+    def __post_init__(self) -> None:
+        check(self.workers >= 0, "workers", self.workers, "must be >= 0 (0: in this process)")
+        check(self.cpus_per_worker > 0, "cpus_per_worker", self.cpus_per_worker, "must be > 0")
+        check(self.gpus_per_worker >= 0, "gpus_per_worker", self.gpus_per_worker, "must be >= 0")
+        check(self.device == "cpu" or self.gpus_per_worker > 0 or self.workers == 0, "device", self.device,
+              "cuda in Ray actors needs gpus_per_worker > 0 (Ray hides GPUs from actors that ask for none)")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+
+    def pool_args(self) -> list[str]:
+        return ["--workers", str(self.workers), "--cpus-per-worker", f"{self.cpus_per_worker:g}",
+                "--gpus-per-worker", f"{self.gpus_per_worker:g}", "--device", self.device,
+                "--batch-size", str(self.batch_size)]
+
+
+@dataclass
+class EncodeStep(PoolStep):
+    train_shards: Optional[str] = None
+    """Image shards to encode for the prior's training (default: the stage-1 recipe's training data)."""
+    val_shards: Optional[str] = None
+    """Image shards for the prior's validation and the gFID reference (default: the stage-1 recipe's)."""
+    augment: Literal["center", "flip", "tencrop"] = "center"
+    """Views per training image: centered square, + its mirror, LlamaGen's ten-crop."""
+    limit: Optional[int] = None
+    """Encode only the first N samples of each split (quick runs)."""
+    batch_size: int = 64
+
+
+@dataclass
+class SampleStep(PoolStep):
+    per_class: int = 50
+    """Samples per class (50 x 1000 classes = ADM's 50k for ImageNet)."""
+    classes: Optional[list[int]] = None
+    """Class indices to sample (default: every class of the prior)."""
+    cfg_scale: float = 2.0
+    """Classifier-free guidance scale (1 = none)."""
+    cfg_schedule: Literal["constant", "linear"] = "constant"
+    """Guidance: constant, or linear from 1 at the first token to cfg_scale at the last."""
+    temperature: float = 1.0
+    """Softmax temperature (0 = greedy)."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0 = all)."""
+    top_p: float = 1.0
+    """Nucleus mass (1 = all)."""
+    seed: int = 0
+    """Base seed: sample i gets its own seed from (seed, i)."""
+
+
+@dataclass
+class GfidStep(PoolStep):
+    ref: Optional[str] = None
+    """Reference statistics .npz (ADM's or launch/evaluate.py ref-stats); None: computed from the validation images
+    at the tokenizer's resolution (the ``ref`` step)."""
+    extractor: Literal["inception", "inception-random", "tiny"] = "inception"
+    """The FID InceptionV3 (needs its weights file), or random stand-ins NOT comparable to published numbers."""
+    inception_weights: Optional[str] = None
+    """Path of pt_inception-2015-12-05-6726825d.pth (else $VITVQ_INCEPTION_WEIGHTS, else the torch hub cache)."""
+    splits: int = 10
+    """Inception Score splits."""
+
+
+@dataclass
+class PipelineConfig:
+    root: str = "runs/pipeline"
+    """Output folder of every step (on storage every node sees, same path)."""
+    experiment: str = "vitvq-pipeline"
+    """MLflow experiment of the parent run and of every step's run."""
+    run_name: Optional[str] = None
+    """Parent run's name (default: the recipe name)."""
+    tracking: bool = True
+    """Log to MLflow (MLFLOW_TRACKING_URI, else MLflow's default store)."""
+    progress: bool = True
+    """Progress bars of the steps."""
+    stage1: TrainStep = field(default_factory=lambda: TrainStep(recipe="configs/stage1/demo.yaml"))
+    """The tokenizer's training."""
+    stage2: TrainStep = field(default_factory=lambda: TrainStep(recipe="configs/stage2/demo.yaml"))
+    """The prior's training, on the tokens the pipeline encodes with the tokenizer of stage 1."""
+    encode: EncodeStep = field(default_factory=EncodeStep)
+    """Token encoding of the training and validation images."""
+    sample: SampleStep = field(default_factory=SampleStep)
+    """Sampling from the prior."""
+    gfid: GfidStep = field(default_factory=GfidStep)
+    """FID and Inception Score of the samples."""
+    recipe: str = "custom"
+    """Pipeline name (set from the YAML file name)."""
+
+    def __post_init__(self) -> None:
+        check(bool(self.root), "root", self.root, "name the output folder")
+
+
+def load_pipeline_config(path: str | Path, overrides: Optional[list[str]] = None) -> PipelineConfig:
+    overrides = list(overrides or [])
+    if not any(o.startswith("recipe=") for o in overrides):
+        overrides.insert(0, f"recipe={Path(path).stem}")
+    return load(PipelineConfig, path, overrides)
+
+
+# -- lineage and manifests ------------------------------------------------------------------------
+def lineage_hash(name: str, key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps({"step": name, **key}, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def training_key(cfg: Any, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The resolved recipe minus bookkeeping (and minus ``drop``, top-level fields replaced by file hashes)."""
+    data = to_dict(cfg)
+    for k in BOOKKEEPING:
+        data["train"].pop(k, None)
+    for k in drop:
+        section, _, name = k.partition(".")
+        if name:
+            data[section].pop(name, None)
+        else:
+            data.pop(section, None)
+    return data
+
+
+def read_manifest(folder: Path, lineage: str) -> Optional[dict[str, Any]]:
+    """The step's record when its output is complete and unchanged; None when the step must run."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if manifest.get("lineage") != lineage:
+        return None
+    for name, out in manifest["outputs"].items():
+        p = Path(out)
+        if not p.exists():
+            return None
+        if p.is_file() and sha256_file(p) != manifest["sha256"].get(name):
+            return None
+    return manifest
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    tmp = folder / (MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(manifest, indent=1, default=str))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / MANIFEST)
+
+
+# -- the pipeline ---------------------------------------------------------------------------------
+@dataclass
+class StepResult:
+    name: str
+    status: str  # "ran" or "skipped"
+    lineage: str
+    folder: Path
+    outputs: dict[str, str]
+    sha256: dict[str, str]
+    run_id: Optional[str]
+    seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Pipeline:
+    def __init__(self, cfg: PipelineConfig, say: Callable[[str], None] = print):
+        self.cfg, self.say = cfg, say
+        self.root = Path(cfg.root).resolve()
+        self.results: dict[str, StepResult] = {}
+        self.parent = None
+        self.stage1_cfg, self.stage2_cfg = self._load_stages()
+
+    # -- before anything runs --
+    def _load_stages(self) -> tuple[Any, Any]:
+        from vitvq.trainer.config import Stage1Config
+        from vitvq.trainer.stage2 import Stage2Config
+        c = self.cfg
+        for name, step in (("stage1", c.stage1), ("stage2", c.stage2)):
+            if not Path(step.recipe).is_file():
+                raise FileNotFoundError(f"{name}.recipe: {step.recipe} not found from {Path.cwd()} (paths in a pipeline "
+                                        f"config are relative to the working directory: run from the repository "
+                                        f"root, or give an absolute path)")
+        s1 = load_job_config(Stage1Config, c.stage1.recipe, c.stage1.overrides)
+        s2 = load_job_config(Stage2Config, c.stage2.recipe, c.stage2.overrides)
+        q = s1.model.quantizer
+        if q.kind == "residual":
+            raise ValueError(f"stage1: {c.stage1.recipe} trains a residual quantizer; the prior models one code per "
+                             f"position: use quantizer.kind vq, ema or gumbel")
+        if s2.prior.vocab_size != q.codebook_size:
+            raise ValueError(f"stage2: prior.vocab_size={s2.prior.vocab_size} but the stage-1 recipe's codebook has "
+                             f"{q.codebook_size} codes: set stage2.overrides: [prior.vocab_size={q.codebook_size}]")
+        grid = token_grid_of(s1.model)
+        if grid is not None and s2.prior.grid != grid:
+            raise ValueError(f"stage2: prior.grid={s2.prior.grid} but the stage-1 tokenizer makes {grid}x{grid} codes "
+                             f"at {s1.model.image_size} px: set stage2.overrides: [prior.grid={grid}]")
+        from vitvq.trainer.ray_train import parse_workers
+        for name, step, scfg in (("stage1", c.stage1, s1), ("stage2", c.stage2, s2)):
+            from vitvq.trainer.ray_train import check_request
+            try:
+                check_request(scfg.train, parse_workers(step.workers), step.gpus_per_worker)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+        return s1, s2
+
+    def data_spec(self, split: str) -> str:
+        from vitvq.data.config import shard_spec
+        given = self.cfg.encode.train_shards if split == "train" else self.cfg.encode.val_shards
+        spec = given or shard_spec(self.stage1_cfg.data, split)
+        if not spec:
+            raise ValueError(f"encode.{split}_shards: the stage-1 recipe has no data.{split}_shards; set one of them")
+        return str(spec)
+
+    def dataset_id(self, spec: str) -> str:
+        from vitvq.data.urls import index_checksum
+        return index_checksum(spec, None) or spec
+
+    # -- one step --
+    def step(self, name: str, key: dict[str, Any], body: Callable[[Path, Any], dict[str, Any]],
+             own_run: bool = False) -> StepResult:
+        """Run ``body(folder, tracker)`` unless the step's output exists with this lineage. ``body`` returns
+        ``{"outputs": {name: path}, "run_id": ..., "metrics": {...}}``; with ``own_run`` the body makes its own
+        MLflow run (a training) and ``tracker`` is None."""
+        lineage = lineage_hash(name, key)
+        folder = self.root / f"{name}-{lineage[:12]}"
+        done = read_manifest(folder, lineage)
+        n = STEPS.index(name) + 1
+        if done is not None:
+            self.say(f"[{n}/{len(STEPS)}] {name}: skipped, output of lineage {lineage[:12]} exists ({folder})")
+            res = StepResult(name, "skipped", lineage, folder, done["outputs"], done["sha256"], done.get("run_id"),
+                             0.0, done.get("metrics", {}))
+            self.results[name] = res
+            return res
+        self.say(f"[{n}/{len(STEPS)}] {name}: running (lineage {lineage[:12]}) in {folder}")
+        folder.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        tracker = None
+        if not own_run:
+            tracker = self.child_tracker(name, lineage)
+        try:
+            out = body(folder, tracker)
+        except BaseException:
+            if tracker is not None:
+                tracker.close("FAILED")
+            raise
+        outputs = {k: str(Path(v).resolve()) for k, v in out["outputs"].items()}
+        sha = {k: sha256_file(p) for k, p in outputs.items() if Path(p).is_file()}
+        run_id = out.get("run_id") or (tracker.run_id if tracker is not None else None)
+        metrics = out.get("metrics", {})
+        if tracker is not None:
+            tracker.set_tags({f"output.{k}": v for k, v in outputs.items()} | {f"sha256.{k}": v for k, v in sha.items()})
+            if metrics:
+                tracker.log_metrics(metrics, step=0)
+            tracker.close("FINISHED")
+        elif run_id and self.parent is not None:  # a training's own run: tag it as this step (it is a child already)
+            self.parent.tag_other_run(run_id, {"pipeline.step": name, "pipeline.lineage": lineage})
+        seconds = time.time() - t0
+        write_manifest(folder, {"step": name, "lineage": lineage, "key": key, "outputs": outputs, "sha256": sha,
+                                "run_id": run_id, "metrics": metrics, "seconds": round(seconds, 1),
+                                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        res = StepResult(name, "ran", lineage, folder, outputs, sha, run_id, seconds, metrics)
+        self.results[name] = res
+        self.say(f"[{n}/{len(STEPS)}] {name}: done in {seconds:.1f} s")
+        return res
+
+    def child_tracker(self, name: str, lineage: str) -> Any:
+        from vitvq.trainer.tracking import make_tracker
+        tags = {"pipeline.step": name, "pipeline.lineage": lineage, "pipeline.root": str(self.root)}
+        if self.parent is not None and self.parent.run_id:
+            tags["mlflow.parentRunId"] = self.parent.run_id
+        return make_tracker(0, self.cfg.tracking, self.cfg.experiment, run_name=name, tags=tags)
+
+    # -- the steps --
+    def train_overrides(self, name: str, folder: Path) -> list[str]:
+        c = self.cfg
+        over = [f"train.out_dir={folder}", f"train.experiment={c.experiment}", f"train.run_name={name}",
+                f"train.tracking={str(c.tracking).lower()}", f"train.progress={str(c.progress).lower()}"]
+        if self.parent is not None and self.parent.run_id:
+            over.append(f"train.parent_run_id={self.parent.run_id}")
+        return over
+
+    def train(self, name: str, step: TrainStep, cls: type, extra: list[str], folder: Path) -> dict[str, Any]:
+        from vitvq.trainer import ray_train
+        cfg = load_job_config(cls, step.recipe, step.overrides + extra + self.train_overrides(name, folder))
+        result = ray_train.fit(cfg, ray_train.parse_workers(step.workers), gpus_per_worker=step.gpus_per_worker,
+                               cpus_per_worker=step.cpus_per_worker, storage=str(folder / "ray"), name=name,
+                               max_failures=step.max_failures)
+        rv = result.return_value or {}
+        metrics = {k: v for k, v in (rv.get("metrics") or {}).items() if isinstance(v, (int, float))}
+        return {"outputs": {"run_dir": folder, "export": rv["export"]}, "run_id": rv.get("run_id"), "metrics": metrics}
+
+    def run_stage1(self) -> StepResult:
+        from vitvq.trainer.config import Stage1Config
+        key = {"config": training_key(self.stage1_cfg), "data": {s: self.dataset_id(self.data_spec(s))
+                                                                 for s in ("train", "val")}}
+        return self.step("stage1", key, lambda folder, _: self.train("stage1", self.cfg.stage1, Stage1Config, [],
+                                                                      folder), own_run=True)
+
+    def run_export(self, stage1: StepResult) -> StepResult:
+        def body(folder: Path, tracker: Any) -> dict[str, Any]:
+            import ray
+            from vitvq.trainer.export import export_checkpoint
+            dest = folder / "tokenizer.pt"
+            task = ray.remote(num_cpus=1)(export_checkpoint)  # its own resources, on any node that sees the run
+            path = ray.get(task.remote(stage1.outputs["run_dir"], str(dest)))
+            tracker.log_params({"checkpoint_of": stage1.outputs["run_dir"]})
+            return {"outputs": {"tokenizer": path}}
+        return self.step("export", {"stage1": stage1.lineage}, body)
+
+    def run_encode(self, tokenizer: StepResult) -> StepResult:
+        e = self.cfg.encode
+        specs = {s: self.data_spec(s) for s in ("train", "val")}
+        key = {"tokenizer_sha256": tokenizer.sha256["tokenizer"], "data": {s: self.dataset_id(v) for s, v in specs.items()},
+               "augment": e.augment, "limit": e.limit}
+
+        def body(folder: Path, tracker: Any) -> dict[str, Any]:
+            from vitvq.data.encode import encode_tokens
+            outputs, metrics = {}, {}
+            for split, spec in specs.items():
+                index = encode_tokens(tokenizer.outputs["tokenizer"], spec, folder, split=split,
+                                      augment=e.augment if split == "train" else "center", workers=e.workers,
+                                      batch_size=e.batch_size, device=e.device, cpus_per_worker=e.cpus_per_worker,
+                                      gpus_per_worker=e.gpus_per_worker, limit=e.limit, progress=self.cfg.progress)
+                outputs[f"{split}_index"] = index["index_path"]
+                metrics.update({f"encode/{split}_samples": index["num_samples"],
+                                f"encode/{split}_skipped": index["num_skipped"]})
+                self.say(f"  {split}: {index['num_samples']} samples -> {index['index_path']}")
+            tracker.log_params({**flatten({"encode": to_dict(e)}), "tokenizer": tokenizer.outputs["tokenizer"]})
+            return {"outputs": outputs, "metrics": metrics}
+        return self.step("encode", key, body)
+
+    def run_stage2(self, tokenizer: StepResult, tokens: StepResult) -> StepResult:
+        from vitvq.trainer.stage2 import Stage2Config
+        extra = [f"tokenizer={tokenizer.outputs['tokenizer']}", f"tokens.train_tokens={tokens.outputs['train_index']}",
+                 f"tokens.val_tokens={tokens.outputs['val_index']}"]
+        key = {"config": training_key(self.stage2_cfg, drop=("tokenizer", "tokens.train_tokens", "tokens.val_tokens")),
+               "tokenizer_sha256": tokenizer.sha256["tokenizer"], "tokens": tokens.sha256}
+        return self.step("stage2", key, lambda folder, _: self.train("stage2", self.cfg.stage2, Stage2Config, extra,
+                                                                      folder), own_run=True)
+
+    def run_ref(self) -> Optional[StepResult]:
+        g = self.cfg.gfid
+        if g.ref:
+            return None
+        spec, side = self.data_spec("val"), self.stage1_cfg.model.image_size
+        key = {"data": self.dataset_id(spec), "resolution": side, "extractor": g.extractor}
+
+        def body(folder: Path, tracker: Any) -> dict[str, Any]:
+            from vitvq.launch import evaluate
+            out = folder / "ref.npz"
+            res = evaluate.main(["ref-stats", "--shards", spec, "--resolution", str(side), "--out", str(out),
+                                 *self.gfid_args(), "--json", str(folder / "ref.json")])
+            tracker.log_params({k: str(v) for k, v in res["protocol"].items()})
+            return {"outputs": {"ref": out}, "metrics": {"ref/count": res["metrics"]["count"]}}
+        return self.step("ref", key, body)
+
+    def gfid_args(self) -> list[str]:
+        g = self.cfg.gfid
+        args = [*g.pool_args(), "--extractor", g.extractor]
+        if g.inception_weights:
+            args += ["--inception-weights", g.inception_weights]
+        return args + ([] if self.cfg.progress else ["--no-progress"])
+
+    def run_sample(self, tokenizer: StepResult, prior: StepResult) -> StepResult:
+        s = self.cfg.sample
+        settings = {k: v for k, v in to_dict(s).items() if k not in ("workers", "cpus_per_worker", "gpus_per_worker")}
+        prior_sha = sha256_file(prior.outputs["export"])
+        key = {"prior_sha256": prior_sha, "tokenizer_sha256": tokenizer.sha256["tokenizer"], "settings": settings}
+
+        def body(folder: Path, tracker: Any) -> dict[str, Any]:
+            from vitvq.launch import sample
+            npz = folder / "samples.npz"
+            argv = ["--prior", prior.outputs["export"], "--tokenizer", tokenizer.outputs["tokenizer"], "--out",
+                    str(npz), "--per-class", str(s.per_class), "--cfg", f"{s.cfg_scale:g}", "--cfg-schedule",
+                    s.cfg_schedule, "--temperature", f"{s.temperature:g}", "--top-k", str(s.top_k), "--top-p",
+                    f"{s.top_p:g}", "--seed", str(s.seed), *s.pool_args()]
+            if s.classes:
+                argv += ["--classes", ",".join(map(str, s.classes))]
+            res = sample.main(argv + ([] if self.cfg.progress else ["--no-progress"]))
+            p = res["protocol"]
+            tracker.log_params({k: str(v) for k, v in p.items() if k not in ("class_list", "notes")})
+            tracker.log_artifact(p["grid_png"], artifact_path="images")
+            tracker.log_artifact(res["protocol_path"])
+            return {"outputs": {"samples": npz, "grid": p["grid_png"], "protocol": res["protocol_path"]},
+                    "metrics": {"sample/count": p["samples"], "sample/seconds": p["seconds"]}}
+        return self.step("sample", key, body)
+
+    def run_gfid(self, samples: StepResult, ref: Optional[StepResult]) -> StepResult:
+        g = self.cfg.gfid
+        ref_path = ref.outputs["ref"] if ref is not None else str(Path(g.ref).resolve())
+        ref_sha = ref.sha256["ref"] if ref is not None else sha256_file(ref_path)
+        key = {"samples_sha256": samples.sha256["samples"], "ref_sha256": ref_sha, "extractor": g.extractor,
+               "splits": g.splits}
+
+        def body(folder: Path, tracker: Any) -> dict[str, Any]:
+            from vitvq.launch import evaluate
+            out = folder / "gfid.json"
+            res = evaluate.main(["gfid", "--samples", samples.outputs["samples"], "--ref", ref_path, "--splits",
+                                 str(g.splits), "--json", str(out), *self.gfid_args()])
+            tracker.set_tags({f"eval.protocol.{k}": json.dumps(v) if isinstance(v, (dict, list)) else v
+                              for k, v in res["protocol"].items()})
+            return {"outputs": {"gfid": out}, "metrics": {k: float(v) for k, v in res["metrics"].items()}}
+        return self.step("gfid", key, body)
+
+    # -- all of it --
+    def run(self) -> dict[str, StepResult]:
+        from vitvq.trainer.tracking import git_commit, make_tracker
+        c = self.cfg
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.parent = make_tracker(0, c.tracking, c.experiment, run_name=c.run_name or c.recipe,
+                                   tags={"pipeline.root": str(self.root), "git_commit": git_commit() or "unknown",
+                                         "recipe": c.recipe})
+        if self.parent.run_id:
+            self.parent.log_params(flatten(c))
+        status = "FAILED"
+        try:
+            stage1 = self.run_stage1()
+            tokenizer = self.run_export(stage1)
+            tokens = self.run_encode(tokenizer)
+            prior = self.run_stage2(tokenizer, tokens)
+            ref = self.run_ref()
+            samples = self.run_sample(tokenizer, prior)
+            gfid = self.run_gfid(samples, ref)
+            self.parent.log_metrics({k: v for k, v in gfid.metrics.items() if k.startswith("eval/")}, step=0)
+            if Path(samples.outputs["grid"]).is_file():
+                self.parent.log_artifact(samples.outputs["grid"], artifact_path="images")
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            self.parent.set_tags({f"step.{r.name}.{k}": v for r in self.results.values()
+                                  for k, v in (("status", r.status), ("lineage", r.lineage), ("run_id", r.run_id or "none"),
+                                               ("folder", str(r.folder)))})
+            self.parent.close(status)
+        return self.results
+
+
+def token_grid_of(model_cfg: Any) -> Optional[int]:
+    """Side of the token grid the tokenizer of ``model_cfg`` makes: its encoder's output on the meta device (no
+    memory, no weights; the quantizer keeps the grid); None when the encoder cannot run there (then the prior's grid
+    is checked when stage 2 starts)."""
+    import torch
+    from vitvq.models.tokenizer import Tokenizer
+    try:
+        with torch.device("meta"), torch.inference_mode():
+            tok = Tokenizer(model_cfg)
+            x = torch.zeros(1, model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
+            return int(tok.encoder(x).shape[-1])
+    except Exception:  # noqa: BLE001 - an op without a meta kernel: leave the check to stage 2
+        return None
+
+
+__all__ = ["PipelineConfig", "TrainStep", "EncodeStep", "SampleStep", "GfidStep", "Pipeline", "StepResult",
+           "load_pipeline_config", "lineage_hash", "read_manifest", "STEPS"]
