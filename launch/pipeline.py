@@ -85,7 +85,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         return {}
     from vitvq.trainer.ray_train import ray_cluster
     with ray_cluster(args.address):
-        results = pipe.run()
+        try:
+            results = pipe.run()
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:  # noqa: BLE001 - a step's failure, said in one place with what to do next
+            detail = str(e).strip().splitlines()
+            sys.exit(f"error: pipeline step {pipe.current} failed ({type(e).__name__}): "
+                     f"{detail[-1] if detail else ''}\nthe steps before it are kept; rerun the same command to "
+                     f"continue (a training resumes from its latest checkpoint in {pipe.root})")
     print(f"\npipeline {cfg.recipe}: {sum(r.status == 'ran' for r in results.values())} step(s) ran, "
           f"{sum(r.status == 'skipped' for r in results.values())} skipped; outputs in {pipe.root}")
     for r in results.values():

@@ -253,7 +253,15 @@ class Pipeline:
         self.root = Path(cfg.root).resolve()
         self.results: dict[str, StepResult] = {}
         self.parent = None
+        self.current: Optional[str] = None  # the step running now (named when it fails)
         self.stage1_cfg, self.stage2_cfg = self._load_stages()
+        if cfg.gfid.extractor == "inception":  # the last step's file, checked before an hour of training
+            from vitvq.evaluation.inception import InceptionWeightsError, resolve_inception_weights
+            try:
+                resolve_inception_weights(cfg.gfid.inception_weights)
+            except InceptionWeightsError as e:
+                raise ValueError(f"gfid.extractor=inception: {e} Or set gfid.extractor=inception-random for a run whose "
+                                 f"gFID is not comparable to anything (a smoke run).") from None
 
     # -- before anything runs --
     def _load_stages(self) -> tuple[Any, Any]:
@@ -316,6 +324,7 @@ class Pipeline:
             self.results[name] = res
             return res
         self.say(f"[{n}/{len(STEPS)}] {name}: running (lineage {lineage[:12]}) in {folder}")
+        self.current = name
         folder.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         tracker = None
