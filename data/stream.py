@@ -13,7 +13,8 @@ DataLoader worker ``w`` produces the rank's global batches ``c = start + w, star
 out round-robin. Every batch carries its index and its count of skipped samples; the wrapper here
 advances the state only when the consumer receives a batch, so batches prefetched by workers but never
 consumed are produced again after a restore, and ``stream.skipped`` counts what the workers met.
-Every rank consumes the same number of batches, so the state of any rank restores every rank.
+Every rank consumes the same number of batches, so the state of any rank restores every rank, and a state of
+another layout (world size, batch, workers) puts every rank at the same place: the start of the next epoch.
 
 Nothing here is specific to images but ``Decode`` and the two small functions that turn decoded samples into a
 batch (``collate``, in the worker) and that batch into what the caller sees (``finish``, in the training process):
@@ -147,11 +148,8 @@ class TrainStream:
                 "workers": [self.cursor.where(s, n) for s, n in enumerate(per_stream)]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "version" not in state and "restart_epoch_after_step" in state:
-            # A caller without a data state (e.g. after a world-size change) asks for a fresh epoch: take the
-            # first epoch boundary at or after `step` batches (a lower bound on the batches consumed).
-            self.batches = -(-int(state["restart_epoch_after_step"]) // self.batches_per_epoch) * self.batches_per_epoch
-            return
+        """Continue exactly where ``state`` (any rank's) left off; from another data layout, as :meth:`_handover`
+        says (rank 0 logs what it did)."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data state version {state.get('version')} is not {STATE_VERSION}")
         old, new = state["config"], self._fingerprint()
@@ -159,14 +157,36 @@ class TrainStream:
         if old == new:
             self.batches = state["batches"]
             return
-        # Another world size / batch / worker count / dataset: the order cannot continue exactly. Keep the
-        # epoch and the fraction of it that all ranks together had consumed.
-        changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
-        seen = state["batch_in_epoch"] * old["batch_size"] * old["world_size"]
-        inside = min(self.batches_per_epoch - 1, round(seen / (new["batch_size"] * new["world_size"])))
-        self.batches = state["epoch"] * self.batches_per_epoch + inside
-        log.warning("data state from a different setup %s: resuming at epoch %d batch %d (approximate: some "
-                    "samples of this epoch may repeat or be missed)", changed, state["epoch"], inside)
+        self.batches, note = self._handover(state)
+        if self.cursor.rank == 0:
+            changed = ", ".join(f"{k.replace('_', ' ')} {old.get(k)} -> {v}" for k, v in new.items() if old.get(k) != v)
+            log.warning("%s %s", changed, note)
+
+    def _handover(self, state: dict[str, Any]) -> tuple[int, str]:
+        """Position of this stream after ``state`` of another layout (world size, batch, workers, dataset), and what
+        that means, in words. The old order cannot continue on the new slots, so (README, "Changing the world size"):
+
+        - epoch mode: the start of the next epoch, in this layout. The unread samples of the interrupted epoch are
+          passed over (none if it stopped on a boundary), so no sample is read twice in an epoch, and every rank
+          starts at the same epoch since the state of any old rank gives the same answer;
+        - resampled mode: this layout's streams at the same nominal position (samples consumed by all ranks).
+        """
+        old = state["config"]
+        slot_batch = old["world_size"] * old["batch_size"]  # samples all old ranks read per rank batch
+        per_epoch = (old["num_samples"] // (slot_batch * old["streams"])) * old["streams"]  # old batches per epoch
+        epoch, done = int(state["epoch"]), int(state["batch_in_epoch"])
+        read = f"epoch {epoch}, {100 * done // max(per_epoch, 1)}% read"
+        if self.cursor.mode == "resampled":
+            seen = int(state["batches"]) * slot_batch
+            batches = seen // (self.cursor.world_size * self.cursor.batch_size)
+            return batches, (f"(nominal {read}): continuing this layout's streams at the same nominal position, "
+                             f"{seen} samples into the run (epoch {batches // self.batches_per_epoch})")
+        if done == 0:
+            return epoch * self.batches_per_epoch, (f"(at the end of epoch {epoch - 1}): continuing at the start of "
+                                                    f"epoch {epoch}; no sample passed over")
+        unread = (per_epoch - done) * slot_batch
+        return (epoch + 1) * self.batches_per_epoch, (f"({read}): continuing at the start of epoch {epoch + 1}; "
+                                                      f"{unread} samples of epoch {epoch} not read")
 
 
 def checked_cursor(shards: ShardList, cfg: Any, *, batch_size: int, rank: int, world_size: int, seed: int,

@@ -214,3 +214,29 @@ class CheckpointManager:
         rank_file = self.root / tag / f"rank_{self.dist.rank:05d}.pt"
         rank_state = torch.load(rank_file, weights_only=False) if rank_file.is_file() else None
         return client_state, rank_state
+
+    def data_state(self, tag: str, world_size: int) -> dict[str, Any]:
+        """Collective: the data state that every rank of another world size continues from, the same on all of them.
+
+        Rank 0 reads the files of all ``world_size`` ranks that wrote ``tag`` (the folder is shared storage) and
+        checks that they stopped at the same position (every rank consumes the same batches); the result is old
+        rank 0's state with the skipped samples of all old ranks, so that their total carries over (on new rank 0).
+        """
+        state, error = None, None
+        if self.dist.is_main:
+            files = [self.root / tag / f"rank_{r:05d}.pt" for r in range(world_size)]
+            missing = [f.name for f in files if not f.is_file()]
+            states = [] if missing else [torch.load(f, weights_only=False)["data"] for f in files]
+            positions = sorted({s.get("batches") for s in states})
+            if missing:
+                error = f"{self.root / tag} lacks {missing}: the checkpoint is damaged"
+            elif len(positions) != 1:
+                error = f"the ranks that wrote {self.root / tag} stopped at different batches {positions}"
+            else:
+                state = dict(states[0])
+                if all(isinstance(s.get("skipped"), int) for s in states):
+                    state["skipped"] = sum(s["skipped"] for s in states)
+        state, error = broadcast_object((state, error))  # every rank raises together, none waits forever
+        if error:
+            raise RuntimeError(f"{error}; point {self.root / 'latest'} at an older complete checkpoint")
+        return state

@@ -154,17 +154,25 @@ class Trainer:
         self.last_good = tag
         if client_state.get("config_hash") != config_hash(self.cfg) and self.dist.is_main:
             print(f"warning: resuming {tag} with a config that differs from the one it was written with")
-        same_world = meta["world_size"] == self.dist.world_size
-        if rank_state is not None and same_world:
+        if meta["world_size"] == self.dist.world_size:
+            if rank_state is None:
+                raise RuntimeError(f"{self.ckpt.root / tag} has no rank_{self.dist.rank:05d}.pt although it was written "
+                                   f"by {meta['world_size']} ranks: the checkpoint is damaged; point "
+                                   f"{self.ckpt.root / 'latest'} at an older complete one")
             set_rng_state(rank_state["rng"])
             return rank_state["data"]
-        # Another world size: the per-rank data cursors do not map onto the new ranks. Continue from the next
-        # epoch boundary of a reseeded stream; the global batch size is kept by the recomputed accumulation.
+        # Another world size: the RNG states do not map onto the new ranks, so every rank is reseeded from the step
+        # (deterministic), and every rank, old or new (a new one has no rank file), continues the data from the same
+        # state, the old ranks' (shared storage: rank 0 reads them all). The stream continues at the start of the
+        # next epoch of the new layout (README, "Changing the world size"); the global batch is kept by the
+        # recomputed accumulation.
         self.seed_everything(self.cfg.train.seed + self.step)
+        data = self.ckpt.data_state(tag, meta["world_size"])
         if self.dist.is_main:
-            print(f"resumed {tag} written by {meta['world_size']} ranks on {self.dist.world_size}: weights and "
-                  f"optimizer converted through the universal format; gradient accumulation is now {self.accum}")
-        return {"restart_epoch_after_step": self.step} if rank_state is not None else None
+            print(f"resumed {tag} written by {meta['world_size']} ranks on {self.dist.world_size} at step {self.step}: "
+                  f"weights and optimizer converted through the universal format; gradient accumulation is now "
+                  f"{self.accum}")
+        return data
 
     def save(self) -> None:
         cfg = self.cfg

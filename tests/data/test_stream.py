@@ -86,6 +86,49 @@ def test_state_of_one_rank_restores_another(syn_index: Path) -> None:
     assert same(take(r1, 3), take(build_train_stream(cfg, batch_size=4, rank=1, world_size=2, seed=1), 7)[4:])
 
 
+
+@pytest.mark.parametrize("old_world,new_world", [(2, 1), (1, 2), (2, 3)])
+def test_another_world_size_starts_every_rank_at_the_next_epoch(syn_index: Path, old_world: int, new_world: int,
+                                                                caplog) -> None:
+    # The policy after a resize (README, "Changing the world size"): the interrupted epoch's unread samples are
+    # passed over, every new rank starts the next epoch of the new layout, whose samples are then read once each.
+    cfg, kw = cfg_for(syn_index, num_workers=2), dict(batch_size=4, seed=1)
+    old = build_train_stream(cfg, rank=0, world_size=old_world, **kw)
+    done = 3 if old_world == 2 else 6  # into epoch 1: 83 // (2 x 2 x 4) = 5 per worker, 10 per epoch on 2 ranks
+    take(old, old.batches_per_epoch + done)
+    state = json.loads(json.dumps(old.state_dict()))
+    assert state["epoch"] == 1 and state["batch_in_epoch"] == done
+    with caplog.at_level(logging.WARNING, logger="vitvq.data.stream"):
+        new = [build_train_stream(cfg, rank=r, world_size=new_world, state=state, **kw) for r in range(new_world)]
+    assert {(s.epoch, s.batches % s.batches_per_epoch) for s in new} == {(2, 0)}
+    keys = [k for s in new for b in take(s, s.batches_per_epoch) for k in b["key"]]
+    per_epoch = new[0].batches_per_epoch * 4 * new_world
+    assert len(keys) == len(set(keys)) == per_epoch == 83 - new[0].dropped_per_epoch
+    fresh = [build_train_stream(cfg, rank=r, world_size=new_world, epoch=2, **kw) for r in range(new_world)]
+    assert keys == [k for s in fresh for b in take(s, s.batches_per_epoch) for k in b["key"]]
+    unread = old.batches_per_epoch * 4 * old_world - done * 4 * old_world
+    lines = [r.message for r in caplog.records if "continuing" in r.message]
+    assert lines == [f"world size {old_world} -> {new_world} (epoch 1, {100 * done // old.batches_per_epoch}% read): "
+                     f"continuing at the start of epoch 2; {unread} samples of epoch 1 not read"]  # rank 0 only
+
+
+def test_another_world_size_at_an_epoch_boundary_passes_nothing_over_and_resampled_keeps_its_position(
+        syn_index: Path, caplog) -> None:
+    cfg, kw = cfg_for(syn_index, num_workers=2), dict(batch_size=4, seed=1)
+    old = build_train_stream(cfg, rank=0, world_size=2, **kw)
+    take(old, 2 * old.batches_per_epoch)
+    with caplog.at_level(logging.WARNING, logger="vitvq.data.stream"):
+        new = build_train_stream(cfg, rank=0, world_size=1, state=old.state_dict(), **kw)
+    assert new.epoch == 2 and new.batches == 2 * new.batches_per_epoch
+    assert "continuing at the start of epoch 2; no sample passed over" in caplog.text
+    # Resampled mode has no epochs to finish: the new layout's streams continue at the same nominal position.
+    cfg = cfg_for(syn_index, num_workers=2, mode="resampled")
+    old = build_train_stream(cfg, rank=0, world_size=2, **kw)
+    take(old, 13)
+    new = build_train_stream(cfg, rank=0, world_size=1, state=old.state_dict(), **kw)
+    assert new.batches == 26 and new.state_dict()["samples_consumed"] == 13 * 4 * 2
+    assert same(take(new, 2), take(build_train_stream(cfg, rank=0, world_size=1, **kw), 28)[26:])
+
 def test_pipe_url_reads_the_same_samples(syn_index: Path) -> None:
     shards = json.loads(syn_index.read_text())["shards"]
     pattern = f"{syn_index.parent}/syn-train-{{000000..{len(shards) - 1:06d}}}.tar"

@@ -200,6 +200,17 @@ def test_resume_restores_exactly_the_next_batches(env, mode: str) -> None:
     assert same(take(build_token_stream(cfg, rank=1, state=state, **kw), 5), whole[1][4:])  # any rank's state
 
 
+
+def test_another_world_size_starts_every_rank_at_the_next_epoch(env) -> None:
+    # The same policy as the image stream's (one TrainStream): 2 ranks -> 1 in the middle of epoch 1.
+    cfg = TokenDataConfig(train_tokens=str(env.enc["flip"]), num_workers=0, shuffle_buffer=7, mode="epoch")
+    old = build_token_stream(cfg, batch_size=2, rank=1, world_size=2, seed=5)  # 30 // 4 = 7 batches per epoch
+    take(old, 9)
+    new = build_token_stream(cfg, batch_size=2, rank=0, world_size=1, seed=5, state=old.state_dict())
+    assert new.epoch == 2 and new.batches == 2 * new.batches_per_epoch
+    keys = [k for b in take(new, new.batches_per_epoch) for k in b["key"]]
+    assert len(keys) == len(set(keys)) == 30  # 30 // 2 = 15 batches: every sample of the epoch once
+
 def test_rerun_rewrites_only_the_missing_shard(env, tmp_path: Path) -> None:
     out = tmp_path / "out"
     first = encode_tokens(env.tok_path, str(env.src), out, progress=False)
