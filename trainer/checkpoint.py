@@ -21,6 +21,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -32,7 +33,10 @@ from vitvq.trainer.engine import (DistInfo, all_gather_object, barrier, broadcas
                                   save_engine)
 
 FAULT_ENV = "VITVQ_INJECT_FAULT"
-"""Test hook: ``save@STEP`` kills the process in the middle of that save; ``step@STEP`` after that step."""
+"""Test hook: ``save@STEP`` fails in the middle of that save (this rank's engine files written, its rank file not);
+``step@STEP`` after that step. Options after commas: ``rank=R`` fires on that rank only (``RANK``); ``kill``
+SIGKILLs the process instead of raising (no cleanup, no exit handlers); ``sleep=S`` sleeps S seconds and goes on
+(a slow rank, or slow storage). Example: ``save@8,rank=1,kill``."""
 
 
 class InjectedFault(RuntimeError):
@@ -40,15 +44,24 @@ class InjectedFault(RuntimeError):
 
 
 def maybe_fault(kind: str, step: int) -> None:
-    """Raise where a test asked for a failure (``VITVQ_INJECT_FAULT=save@4``); one-shot per marker file if set."""
+    """Fail (raise, die or stall) where a test asked for it (``VITVQ_INJECT_FAULT=save@4``, see :data:`FAULT_ENV`);
+    one-shot per marker file if set."""
     spec = os.environ.get(FAULT_ENV, "")
-    if spec != f"{kind}@{step}":
+    where, *options = spec.split(",")
+    opts = dict(o.partition("=")[::2] for o in options)  # "rank=1" -> {"rank": "1"}, "kill" -> {"kill": ""}
+    rank = os.environ.get("RANK", "0")
+    if where != f"{kind}@{step}" or opts.get("rank", rank) != rank:
         return
     marker = os.environ.get(FAULT_ENV + "_ONCE")  # a file: fire only while it does not exist yet
     if marker:
         if Path(marker).exists():
             return
         Path(marker).touch()
+    if "sleep" in opts:
+        time.sleep(float(opts["sleep"]))
+        return
+    if "kill" in opts:
+        os.kill(os.getpid(), signal.SIGKILL)
     raise InjectedFault(f"injected fault {spec}")
 
 
