@@ -142,6 +142,16 @@ class CheckpointManager:
         self.dist, self.keep_last = dist, keep_last
         if dist is not None:
             self.root.mkdir(parents=True, exist_ok=True)
+            if dist.is_main:  # a run starts: nothing writes here yet, so a folder without meta.json is a crashed save
+                self.prune_partial()
+
+    def prune_partial(self) -> list[Path]:
+        """Delete the ``step_*`` folders that have no ``meta.json`` (saves that crashed before completing; never
+        named by ``latest``); returns them."""
+        partial = [p for p in sorted(self.root.glob("step_*")) if p.is_dir() and not (p / "meta.json").is_file()]
+        for p in partial:
+            shutil.rmtree(p, ignore_errors=True)
+        return partial
 
     @staticmethod
     def tag(step: int) -> str:

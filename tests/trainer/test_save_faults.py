@@ -157,3 +157,26 @@ def test_fault_specs_pick_their_rank_and_action(monkeypatch: pytest.MonkeyPatch)
         monkeypatch.setenv("VITVQ_INJECT_FAULT", spec)
         with pytest.raises(InjectedFault, match=spec):
             maybe_fault("save", 8)
+
+
+def test_a_starting_run_prunes_the_folders_of_crashed_saves(tmp_path: Path) -> None:
+    """Rank 0's checkpoint manager removes, at start, every step folder without meta.json (older or newer than
+    ``latest``) and keeps the complete ones; a read-only manager (exports, tools) deletes nothing."""
+    import torch
+    from vitvq.trainer.checkpoint import CheckpointManager
+    from vitvq.trainer.engine import DistInfo
+    root = tmp_path / "checkpoints"
+    for step, complete in ((4, True), (6, False), (8, True), (12, False)):
+        folder = root / f"step_{step:08d}"
+        (folder / "generator").mkdir(parents=True)
+        if complete:
+            (folder / "meta.json").write_text("{}")
+    (root / "latest").write_text("step_00000008")
+    CheckpointManager(tmp_path)  # read-only
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000004", "step_00000006", "step_00000008",
+                                                            "step_00000012"]
+    CheckpointManager(tmp_path, DistInfo(1, 2, 1, torch.device("cpu")))  # not rank 0: leaves it to rank 0
+    assert len(list(root.glob("step_*"))) == 4
+    CheckpointManager(tmp_path, DistInfo(0, 2, 0, torch.device("cpu")))
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000004", "step_00000008"]
+    assert (root / "latest").read_text() == "step_00000008"
