@@ -116,6 +116,7 @@ class Trainer:
                                            self.task.schedule_steps(name), load_universal)
                         for name in self.task.engine_names}
         self.task.attach(self.engines)
+        self.seed_training(cfg.train.seed)
         data_state = self.resume(resume) if resume else None
         self.stream = self.task.train_stream(data_state)
         self.batches = iter(self.stream)
@@ -144,6 +145,11 @@ class Trainer:
         np.random.seed(seed + self.dist.rank)
         torch.manual_seed(seed)  # same init on every rank; DeepSpeed also broadcasts rank 0's weights
 
+    def seed_training(self, seed: int) -> None:
+        """Once the models exist: torch's draws during training (dropout masks, Gumbel noise) differ per rank, as
+        data-parallel replicas need (one seed everywhere would give every rank's micro-batch the same masks)."""
+        torch.manual_seed(int(np.random.SeedSequence([seed, self.dist.rank]).generate_state(1)[0]))
+
     def resume(self, resume: tuple[str, dict]) -> Optional[dict]:
         tag, meta = resume
         engine_tags = self.ckpt.prepare_resume(tag, meta, self.task.engine_names)
@@ -167,6 +173,7 @@ class Trainer:
         # next epoch of the new layout (README, "Changing the world size"); the global batch is kept by the
         # recomputed accumulation.
         self.seed_everything(self.cfg.train.seed + self.step)
+        self.seed_training(self.cfg.train.seed + self.step)
         data = self.ckpt.data_state(tag, meta["world_size"])
         if self.dist.is_main:
             print(f"resumed {tag} written by {meta['world_size']} ranks on {self.dist.world_size} at step {self.step}: "

@@ -74,6 +74,17 @@ def test_resume_after_a_crash_gives_the_uninterrupted_losses(tmp_path: Path, sta
     assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run's final weights differ"
 
 
+def test_each_rank_draws_its_own_dropout_masks(tmp_path: Path, stage2_data: dict, run_on_two_ranks) -> None:
+    """The models are initialised alike on every rank, but training's draws (dropout, label noise aside) must not
+    be: one torch seed on every rank would give every micro-batch of a global batch the same dropout masks."""
+    out = tmp_path / "draws.json"
+    run_on_two_ranks(Path(__file__).with_name("rng_worker.py"), out, "--config", str(ROOT / "configs/stage2/debug.yaml"),
+                     *data_overrides(stage2_data), f"train.out_dir={tmp_path / 'run'}", "train.tracking=false",
+                     "train.progress=false")
+    draws = json.loads(out.read_text())
+    assert draws["rank_0"] != draws["rank_1"], "every rank draws the same dropout masks"
+
+
 def _task(data: dict, *overrides: str) -> Stage2Task:
     cfg = load_job_config(Stage2Config, ROOT / "configs/stage2/debug.yaml", [*data_overrides(data), *overrides])
     return Stage2Task(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
