@@ -59,7 +59,13 @@ class ActorPool:
                     ray.init(num_cpus=max(1, int(np.ceil(workers * cpus_per_worker))), include_dashboard=False,
                              _temp_dir=self._tmp)
                 self._owns_ray = True
-            actor = ray.remote(worker_cls).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)
+            # "DEFAULT" places the actors outside any placement group, even when this pool is made inside one (rank 0
+            # of a Ray Train run hands checkpoints to it): they take free resources of the cluster, never a bundle
+            # reserved for Train's workers. Ray 2.60's Train V2 creates its workers without capturing child tasks
+            # (PlacementGroupSchedulingStrategy(..., placement_group_capture_child_tasks=None)), so this is what Ray
+            # would do too; the explicit option keeps it so if a caller or a Ray version captures.
+            actor = ray.remote(worker_cls).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
+                                                   scheduling_strategy="DEFAULT")
             self.handles = [actor.remote(*args) for _ in range(workers)]
         self.ready_value: Any = self._started(ready, startup_timeout)
 

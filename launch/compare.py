@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 
+from vitvq.trainer.cluster import redact
 from vitvq.trainer.tracking import mlflow_client  # (MLflow itself is imported only there)
 
 # The stage-1 names runs are compared on (issue 4); a name no run logged is left out of the table.
@@ -37,7 +38,7 @@ def fetch_runs(client: Any, experiment: str, run_ids: Optional[Sequence[str]] = 
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         names = sorted(e.name for e in client.search_experiments())
-        raise SystemExit(f"no experiment {experiment!r} in {client.tracking_uri}; experiments there: {names}")
+        raise SystemExit(f"no experiment {experiment!r} in {redact(client.tracking_uri)}; experiments there: {names}")
     if not run_ids:
         runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"],
                                   max_results=max_runs)
@@ -141,12 +142,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     client = mlflow_client(args.tracking_uri)
     runs = fetch_runs(client, args.experiment, args.runs, args.max_runs)
     if not runs:
-        print(f"experiment {args.experiment!r} in {client.tracking_uri} has no runs")
+        print(f"experiment {args.experiment!r} in {redact(client.tracking_uri)} has no runs")
         return 0
     params = differing_params(runs, args.all_params)
     n_params = None if args.all_params else len(differing_params(runs, all_params=True))
     metrics = latest_metrics(runs, args.metrics)
-    print(f"experiment {args.experiment!r}: {len(runs)} run(s) from {client.tracking_uri}\n")
+    print(f"experiment {args.experiment!r}: {len(runs)} run(s) from {redact(client.tracking_uri)}\n")
     print(format_table(runs, params, metrics, n_params))
     missing = [m for m in args.metrics if m not in metrics]
     if args.metrics != list(DEFAULT_METRICS) and missing:

@@ -72,13 +72,18 @@ def main(argv: Optional[list[str]] = None) -> Any:
     most = workers[1] if isinstance(workers, tuple) else workers
     with ray_train.ray_cluster(args.address, num_cpus=most * args.cpus_per_worker):
         from ray.train import TrainingFailedError
+        from vitvq.trainer.cluster import ClusterCheckError
         try:
             result = ray_train.fit(cfg, workers, gpus_per_worker=args.gpus_per_worker,
                                    cpus_per_worker=args.cpus_per_worker, storage=args.storage, name=args.name,
                                    max_failures=args.max_failures, resize_interval_s=args.resize_interval)
+        except ClusterCheckError as e:  # what a multi-node run needs (shared storage, a tracking store for all)
+            sys.exit(f"error: {e}")
         except TrainingFailedError as e:  # out of --max-failures: our latest checkpoint is where a rerun resumes
-            sys.exit(f"error: training failed on Ray ({type(e).__name__}): {e}\nrerun the same command to resume "
-                     f"from the latest checkpoint in {cfg.train.out_dir}")
+            print(f"error: training failed on Ray ({type(e).__name__}): {e}\nrerun the same command to resume "
+                  f"from the latest checkpoint in {cfg.train.out_dir}", file=sys.stderr, flush=True)
+            from vitvq.trainer.trainer import PREEMPTED_EXIT  # stopped by a signal, the step saved: as under torchrun
+            sys.exit(PREEMPTED_EXIT if "WorkerStopped" in str(e) else 1)
     if result.return_value:  # rank 0's train() result
         print_summary(result.return_value)
     return result

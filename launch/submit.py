@@ -13,7 +13,8 @@ is uploaded and the command runs in it on the head; this checkout's ``vitvq`` pa
 ``py_modules``), so the cluster runs the code you have here whether or not it has vitvq installed
 (``--no-package``: use the cluster's own). ``--env NAME=VALUE`` (or ``--env NAME``, taking the value from here, which
 keeps secrets off the command line) reaches the job and every Ray worker it starts. Values whose names look secret,
-and credentials inside URIs, are never printed (:func:`redact`); Ray still stores env values in the job's record.
+and credentials inside URIs, are never printed (``vitvq.trainer.cluster.redact``); Ray still stores env values in
+the job's record.
 The job runs in Ray's copy of the working directory, deleted with the session: give ``train.out_dir`` and
 ``MLFLOW_TRACKING_URI`` as paths on storage every node sees, or a tracking server, never relative ones.
 Exit status: 0 SUCCEEDED, 1 FAILED, 2 STOPPED; Ctrl-C stops following, not the job.
@@ -38,6 +39,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
+from vitvq.trainer.cluster import redact
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 EXCLUDES = [".git", ".venv", "venv", "/runs", "/outputs", "/tokens", "mlruns", "mlflow.db", "*.egg-info",
@@ -47,35 +50,6 @@ EXCLUDES = [".git", ".venv", "venv", "/runs", "/outputs", "/tokens", "mlruns", "
 outputs, tracking stores, caches, and files that hold credentials."""
 EXIT = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 2}
 TERMINAL = set(EXIT)
-MASK = "***"
-SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "PASSPHRASE", "CREDENTIAL", "CREDENTIALS", "AUTH",
-                "SIGNATURE")
-
-_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)[^/?#\s]*@")  # scheme://user:pass@host -> scheme://***@host
-_ASSIGN = re.compile(r"""(?<![\w.\-])(-{0,2}[A-Za-z_][\w.\-]*)=("[^"]*"|'[^']*'|[^\s&"']+)""")  # NAME=v, ?name=v
-_FLAG = re.compile(r"(?<!\S)(--?[A-Za-z][\w\-]*)([ \t]+)(?!-)(\S+)")  # --password value
-_QUOTED = re.compile(r"""(["'])([A-Za-z_][\w.\-]*)\1(\s*:\s*)(["'])((?:(?!\4).)*)\4""")  # 'NAME': 'v' (dicts, JSON)
-
-
-def looks_secret(name: str) -> bool:
-    """Whether a variable, option or parameter name looks like it holds a secret: one of its words (split at
-    ``_ . -``) ends with TOKEN, KEY, SECRET, PASSWORD, ... (``HF_TOKEN``, ``apiKey``, but not ``tokens.train_tokens``
-    or ``tokenizer``)."""
-    return any(w.endswith(s) for w in re.split(r"[^A-Z0-9]+", name.upper()) for s in SECRET_WORDS)
-
-
-def redact(value: str, name: Optional[str] = None) -> str:
-    """``value`` safe to print: all of it masked when ``name`` looks secret; otherwise the user:password part of URIs,
-    and the values of secret-looking ``NAME=value``, ``--secret-option value`` and ``'NAME': 'value'`` (Ray's error
-    messages quote runtime envs as dicts) inside it."""
-    if name is not None and looks_secret(name):
-        return MASK
-    value = _USERINFO.sub(rf"\1{MASK}@", value)
-    value = _ASSIGN.sub(lambda m: f"{m[1]}={MASK}" if looks_secret(m[1]) else m[0], value)
-    value = _QUOTED.sub(lambda m: f"{m[1]}{m[2]}{m[1]}{m[3]}{m[4]}{MASK}{m[4]}" if looks_secret(m[2]) else m[0], value)
-    return _FLAG.sub(lambda m: f"{m[1]}{m[2]}{MASK}" if looks_secret(m[1]) else m[0], value)
-
-
 def say(msg: str) -> None:
     print(f"submit: {msg}", file=sys.stderr, flush=True)
 

@@ -8,6 +8,7 @@ import sys
 from typing import Any, Optional
 
 from vitvq.configs import ConfigError
+from vitvq.trainer.cluster import redact
 from vitvq.trainer.config import C, load_job_config
 
 
@@ -29,11 +30,11 @@ def print_summary(result: dict[str, Any]) -> None:
         return
     print(f"\ntrained {result['step']} steps; results in {result['out_dir']}")
     for label, value in result.get("summary", []):  # the task's lines: its metrics, pictures and export
-        print(f"  {label:<22} {value}")
+        print(f"  {label:<22} {redact(str(value))}")
     if result.get("run_id"):
         uri = result.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
         print(f"  MLflow run             {result['run_id']}")
-        print(f"  see it with:           mlflow ui --backend-store-uri {uri}")
+        print(f"  see it with:           mlflow ui --backend-store-uri {redact(uri)}")
 
 
 def launch(cls: type, description: str, example: str, argv: Optional[list[str]] = None) -> dict[str, Any]:

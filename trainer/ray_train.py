@@ -20,6 +20,29 @@ checkpoint we deleted and keeps only pointers of a few hundred bytes; pointers u
 Elastic runs (``workers=(lo, hi)``) restart the whole worker group at the new size from our latest checkpoint;
 the Trainer converts it through DeepSpeed's universal format once and recomputes the gradient accumulation, so
 :func:`batch_problem` refuses, before anything starts, a range holding a size that cannot keep the global batch.
+Before the ``TorchTrainer`` is built, :func:`fit` checks what several nodes need (``trainer/cluster.py``): out_dir
+and storage visible from every node, one MLflow store for all of them.
+
+SIGTERM (a node's shutdown on preemption, a scheduler, ``kill``) stops at a step, saved, as under ``torchrun``. Ray
+2.60 runs the train function in a thread of the worker actor (``RayTrainWorker.run_train_fn`` ->
+``ThreadRunner``), where ``signal.signal`` raises, while the actor's main thread carries Ray's own handler
+(``Worker.main_loop``: ``sys.exit(1)`` on SIGTERM): probed, the process died within 0.5 s, mid-step, nothing saved
+(``WorkerGroupError``: "The process receives a SIGTERM"), so a restart could only go back to an older checkpoint.
+So :func:`train_loop` gives ``StopRequest`` a way to the main thread (:func:`on_actor_main_thread`: the actor's own
+``execute`` task, which runs there); our handler replaces Ray's for the run, every rank finishes the step and saves
+it, and the workers end with
+:class:`WorkerStopped`: a worker error, so Ray restarts the group (it counts against ``--max-failures``; with none
+left the run ends and a rerun resumes) from that very checkpoint. What Ray itself does on the way is not a
+SIGTERM: ``ray.kill`` and a group restart for an elastic resize kill the worker process outright (no handler runs:
+the run resumes from the latest checkpoint, as after a crash), and a node drain is announced through
+``ray.train.get_preemption_info`` only.
+
+Listening sockets: a local cluster (:func:`ray_cluster`) puts the dashboard, whose job API runs any command it is
+sent, on 127.0.0.1. The rest cannot be kept there in Ray 2.60: read in /proc/net/tcp{,6}, the GCS, the raylet (node
+manager and object manager), every core worker (the driver too) and the dashboard agent listen on all interfaces
+(``::``/``0.0.0.0``), the runtime-env agent and the dashboard agent's HTTP port on the node's IP, and
+``ray.init(_node_ip_address="127.0.0.1")`` is turned back into the node's IP (``services.resolve_ip_for_localhost``).
+Keep Ray nodes on a private network or behind a firewall; Ray's token authentication (on by default) guards them.
 """
 
 from __future__ import annotations
@@ -28,14 +51,16 @@ import contextlib
 import json
 import math
 import os
+import secrets
 import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 from vitvq.configs import from_dict, to_dict
 from vitvq.trainer.checkpoint import CheckpointManager
+from vitvq.trainer.cluster import check_multinode, check_visible_everywhere
 from vitvq.trainer.task import stage_classes
 
 POINTER_FILE = "vitvq_checkpoint.json"
@@ -122,6 +147,8 @@ def ray_cluster(address: Optional[str] = None, num_cpus: Optional[float] = None,
         tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
         # With the dashboard (on localhost, a free port) Ray Train's placement-group cleaner can read the state
         # API; without it, it warns "Failed to query Ray Train Controller actor state" every few seconds.
+        # The dashboard (which runs any job it is sent) on 127.0.0.1. The rest of Ray cannot be kept on localhost:
+        # see the module docstring.
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=_free_port(), _temp_dir=tmp, runtime_env=runtime_env)
     try:
@@ -164,11 +191,37 @@ def resume_note(out_dir: Path, ray_pointer: Optional[dict[str, Any]]) -> Optiona
             f"{theirs or 'none'}{lag}")
 
 
+_ON_MAIN: dict[str, Callable[[], Any]] = {}
+"""Functions waiting for this process's main thread (:func:`on_actor_main_thread`), by key."""
+
+
+def _run_registered(key: str) -> Any:
+    return _ON_MAIN.pop(key)()
+
+
+def on_actor_main_thread(fn: Callable[[], Any], timeout_s: float = 60.0) -> Any:
+    """Run ``fn`` on the main thread of this Ray Train worker's process and return its result, from the thread that
+    runs the train function. A Train worker is a synchronous actor: its tasks run on the main thread, which is free
+    while the train function runs. ``fn`` stays in this process (only its key travels), so what it changes is ours."""
+    import ray
+    key = secrets.token_hex(8)
+    _ON_MAIN[key] = fn
+    try:
+        me = ray.get_runtime_context().current_actor
+        return ray.get(me.execute.remote(_run_registered, key), timeout=timeout_s)
+    finally:
+        _ON_MAIN.pop(key, None)
+
+
+class WorkerStopped(RuntimeError):
+    """A worker stopped at a step on a signal (SIGTERM) and saved it; Ray restarts the group from that checkpoint."""
+
+
 def train_loop(config: dict[str, Any]) -> Optional[dict[str, Any]]:
     """The function every Ray Train worker runs: ``config`` holds the stage, the job config as a dict and the
     driver's working directory. Returns rank 0's ``train()`` result (Ray hands it back as ``Result.return_value``)."""
     import ray.train
-    from vitvq.trainer.trainer import train
+    from vitvq.trainer.trainer import Preempted, StopRequest, train
 
     cfg_cls, _ = stage_classes(config["stage"])
     cfg = from_dict(cfg_cls, config["config"])
@@ -193,7 +246,13 @@ def train_loop(config: dict[str, Any]) -> Optional[dict[str, Any]]:
             ray.train.report({**metrics, **meta}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=tag)
 
-    result = train(cfg, on_checkpoint=report)
+    StopRequest.main_thread = on_actor_main_thread  # SIGTERM stops at the step, saved, as under torchrun
+    try:
+        result = train(cfg, on_checkpoint=report)
+    except Preempted:  # every rank saved the step it stopped at; a worker error makes Ray restart the group
+        step = CheckpointManager(out_dir).latest()
+        raise WorkerStopped(f"stopped by a signal after saving {step[0] if step else 'no checkpoint'} in {out_dir}; "
+                            f"Ray restarts the worker group from it (one of --max-failures), or rerun to resume")
     return result if rank == 0 else None
 
 
@@ -209,16 +268,22 @@ def fit(cfg: Any, workers: Workers, *, gpus_per_worker: float = 0, cpus_per_work
     from ray.train.torch import TorchConfig, TorchTrainer
 
     check_request(cfg.train, workers, gpus_per_worker)
+    out_dir = Path(cfg.train.out_dir).resolve()
+    storage_path = Path(storage).resolve() if storage else out_dir / "ray"
+    folders = {"train.out_dir": out_dir, "--storage": storage_path}
+    if cfg.train.tracking:  # storage every node sees, and one MLflow store for all of them (trainer/cluster.py)
+        check_multinode(folders)
+    else:
+        check_visible_everywhere(folders)
     # Ray Train's print patch copies every print of the workers into its own logs and still prints it: each line
     # (the progress bar, the resume notes) would reach the driver twice. Propagated to the workers by Ray.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    out_dir = Path(cfg.train.out_dir).resolve()
     config = to_dict(cfg)
     config["train"]["out_dir"] = str(out_dir)  # the workers' working directory may differ from ours
     scaling = ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
                             resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if gpus_per_worker else {})},
                             elastic_resize_monitor_interval_s=resize_interval_s)
-    run = RunConfig(name=name or cfg.recipe, storage_path=str(Path(storage).resolve() if storage else out_dir / "ray"),
+    run = RunConfig(name=name or cfg.recipe, storage_path=str(storage_path),
                     failure_config=FailureConfig(max_failures=max_failures),
                     checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last))
     # Ray Train creates the process group (init_distributed then joins it): give it our collective timeout.
@@ -246,4 +311,4 @@ def prune_pointers(result: Any) -> list[Path]:
 
 
 __all__ = ["POINTER_FILE", "parse_workers", "batch_problem", "check_request", "ray_cluster", "read_pointer", "resume_note",
-           "train_loop", "fit", "prune_pointers"]
+           "on_actor_main_thread", "WorkerStopped", "train_loop", "fit", "prune_pointers"]

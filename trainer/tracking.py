@@ -47,6 +47,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from vitvq.trainer.cluster import redact, redact_config
+
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # before mlflow is imported; see the docstring
 
@@ -157,7 +159,7 @@ class MLflowTracker(Tracker):
         try:
             run = self.client.get_run(run_id)
         except MlflowException:
-            warnings.warn(f"MLflow run {run_id} (from the checkpoint) is not in {self.tracking_uri}; "
+            warnings.warn(f"MLflow run {run_id} (from the checkpoint) is not in {redact(self.tracking_uri)}; "
                           f"starting a new run (tag resume.missing_run_id)")
             return None
         if run.info.lifecycle_stage == "deleted":  # logging to a deleted run raises; bring it back
@@ -180,7 +182,7 @@ class MLflowTracker(Tracker):
     def log_params(self, flat: dict[str, Any]) -> None:
         from mlflow.entities import Param
         new, changed = {}, {}
-        for key, value in flat.items():
+        for key, value in redact_config(flat).items():  # no secret becomes a param (trainer/cluster.py decides)
             key, value = clean_key(key), clip(value, param_limit())
             if key not in self._params:
                 new[key] = value

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from vitvq.configs import flatten, to_dict
 from vitvq.trainer.checkpoint import CheckpointManager, check_shared_folder, maybe_fault, set_rng_state
+from vitvq.trainer.cluster import redact_config
 from vitvq.trainer.config import config_hash
 from vitvq.trainer.engine import (all_reduce_sum, any_rank, barrier, build_engine, init_distributed,
                                   shutdown_distributed)
@@ -47,19 +48,34 @@ class Preempted(SystemExit):
 
 class StopRequest:
     """SIGTERM, the configured second signal and SIGINT set a flag instead of killing the process; the loop reads
-    it after each step and all ranks stop together (a second Ctrl-C interrupts at once, as usual)."""
+    it after each step and all ranks stop together (a second Ctrl-C interrupts at once, as usual).
+
+    Handlers can only be installed from the main thread. A Ray Train worker runs ``train()`` in a thread of its own
+    while Ray's SIGTERM handler on the actor's main thread exits the process at once (mid-step, nothing saved):
+    there the handlers go in through :attr:`main_thread`, which ``trainer/ray_train.py`` sets."""
+
+    main_thread: Optional[Callable[[Callable[[], Any]], Any]] = None
+    """``main_thread(fn)`` runs ``fn`` on this process's main thread and returns its result (None: not available)."""
 
     def __init__(self, extra: Optional[str]):
-        import signal
+        import threading
         self.signal: Optional[str] = None
         self.previous: dict[int, Any] = {}
-        names = ["SIGTERM", "SIGINT"] + ([extra] if extra and extra not in ("SIGTERM", "SIGINT") else [])
+        self.names = ["SIGTERM", "SIGINT"] + ([extra] if extra and extra not in ("SIGTERM", "SIGINT") else [])
+        self.runner = None if threading.current_thread() is threading.main_thread() else StopRequest.main_thread
         try:
-            for name in names:
-                sig = getattr(signal, name)
-                self.previous[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread (a Ray Train worker thread): the runner handles signals
+            self.runner(self._install) if self.runner else self._install()
+        except Exception as e:  # not the main thread and no way to reach it: the launcher handles signals
+            if self.runner:
+                print(f"warning: no stop-at-step on signals in this process ({type(e).__name__}: {e})",
+                      file=sys.stderr, flush=True)
             self.restore()
+
+    def _install(self) -> None:
+        import signal
+        for name in self.names:
+            sig = getattr(signal, name)
+            self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
         import signal
@@ -67,11 +83,19 @@ class StopRequest:
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
 
-    def restore(self) -> None:
+    def _undo(self) -> None:
         import signal
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         self.previous = {}
+
+    def restore(self) -> None:
+        if not self.previous:
+            return
+        try:
+            self.runner(self._undo) if self.runner else self._undo()
+        except Exception:  # the process is going away (Ray tears the worker group down): nothing to give back
+            self.previous = {}
 
 
 OnCheckpoint = Callable[[int, str, Path, dict[str, float]], None]
@@ -137,7 +161,7 @@ class Trainer:
             for other, tags in self.task.linked_runs(self.run_id).items():
                 self.tracker.tag_other_run(other, tags)
         if self.dist.is_main:
-            (self.out / "config.json").write_text(json.dumps(flatten(cfg), indent=1, default=str))
+            (self.out / "config.json").write_text(json.dumps(redact_config(flatten(cfg)), indent=1, default=str))
         self.evaluator = self.task.evaluator(self.export_to) if self.dist.is_main else None
 
     def seed_everything(self, seed: int) -> None:

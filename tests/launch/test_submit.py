@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from vitvq.launch.submit import looks_secret, redact
+from vitvq.trainer.cluster import looks_secret, redact
 
 ROOT = Path(__file__).resolve().parents[2]
 SUBMIT = str(ROOT / "launch" / "submit.py")
@@ -95,6 +95,12 @@ def test_redact() -> None:
     assert redact(ray_error) == """{'HF_TOKEN': '***', "apiKey": "***", 'A': 'b'}"""
     assert redact("http://127.0.0.1:8265") == "http://127.0.0.1:8265"
     assert looks_secret("MLFLOW_TRACKING_PASSWORD") and not looks_secret("tokenizer")
+    # Signed URLs and credentials inside config values (issue 13): query parameters and a URI inside a command.
+    assert redact("https://acct.blob/c/x?sv=2024&sig=c2VjcmV0&se=1") == "https://acct.blob/c/x?sv=2024&sig=***&se=1"
+    assert redact("https://h/x?token=abc&key=k1&n=1") == "https://h/x?token=***&key=***&n=1"
+    assert redact("pipe:curl -s https://user:pw@host/x.tar") == "pipe:curl -s https://***@host/x.tar"
+    assert not looks_secret("prior.token_dropout") and not looks_secret("train.preempt_signal")
+    assert looks_secret("X-Amz-Security-Token") and looks_secret("sig")
 
 
 def test_job_succeeds_and_logs_read_back(address: str, tmp_path: Path) -> None:
