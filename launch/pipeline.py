@@ -51,20 +51,6 @@ def job_argv(args: argparse.Namespace, argv: list[str]) -> list[str]:
     return ["--address", args.address, *env, "--", "python", "launch/pipeline.py", *keep]
 
 
-def plan(pipe: Any) -> None:
-    """The lineage of the steps that need no upstream output to compute it; later steps depend on files not made yet."""
-    from vitvq.trainer.pipeline import lineage_hash, read_manifest, training_key
-    key = {"config": training_key(pipe.stage1_cfg), "data": {s: pipe.dataset_id(pipe.data_spec(s))
-                                                             for s in ("train", "val")}}
-    lineage = lineage_hash("stage1", key)
-    folder = pipe.root / f"stage1-{lineage[:12]}"
-    state = "kept" if read_manifest(folder, lineage) else ("resumes" if folder.is_dir() else "runs")
-    print(f"stage1: lineage {lineage[:12]} {state} ({folder})")
-    for name in ("export", "encode", "stage2", "ref", "sample", "gfid"):
-        found = sorted(p.parent.name for p in pipe.root.glob(f"{name}-*/step.json"))
-        print(f"{name}: {len(found)} finished output(s) under {pipe.root}" + (f": {', '.join(found)}" if found else ""))
-
-
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_intermixed_args(argv)
@@ -81,7 +67,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     if args.plan:
-        plan(pipe)
+        pipe.plan()
         return {}
     from vitvq.trainer.ray_train import ray_cluster
     with ray_cluster(args.address):

@@ -254,6 +254,7 @@ class Pipeline:
         self.results: dict[str, StepResult] = {}
         self.parent = None
         self.current: Optional[str] = None  # the step running now (named when it fails)
+        self.plan_only = False  # plan(): say what each step would do, run nothing
         self.stage1_cfg, self.stage2_cfg = self._load_stages()
         if cfg.gfid.extractor == "inception":  # the last step's file, checked before an hour of training
             from vitvq.evaluation.inception import InceptionWeightsError, resolve_inception_weights
@@ -317,6 +318,10 @@ class Pipeline:
         folder = self.root / f"{name}-{lineage[:12]}"
         done = read_manifest(folder, lineage)
         n = STEPS.index(name) + 1
+        if done is None and self.plan_only:
+            state = "resumes in" if folder.is_dir() else "runs into"
+            self.say(f"[{n}/{len(STEPS)}] {name}: {state} {folder} (lineage {lineage[:12]})")
+            raise PlanEnds(name)
         if done is not None:
             self.say(f"[{n}/{len(STEPS)}] {name}: skipped, output of lineage {lineage[:12]} exists ({folder})")
             res = StepResult(name, "skipped", lineage, folder, done["outputs"], done["sha256"], done.get("run_id"),
@@ -383,9 +388,10 @@ class Pipeline:
         return {"outputs": {"run_dir": folder, "export": rv["export"]}, "run_id": rv.get("run_id"), "metrics": metrics}
 
     def run_stage1(self) -> StepResult:
+        from vitvq.data.config import shard_spec
         from vitvq.trainer.config import Stage1Config
-        key = {"config": training_key(self.stage1_cfg), "data": {s: self.dataset_id(self.data_spec(s))
-                                                                 for s in ("train", "val")}}
+        data = {s: self.dataset_id(shard_spec(self.stage1_cfg.data, s) or "none") for s in ("train", "val")}
+        key = {"config": training_key(self.stage1_cfg), "data": data}  # what the tokenizer trains on
         return self.step("stage1", key, lambda folder, _: self.train("stage1", self.cfg.stage1, Stage1Config, [],
                                                                       folder), own_run=True)
 
@@ -496,6 +502,30 @@ class Pipeline:
         return self.step("gfid", key, body)
 
     # -- all of it --
+    def plan(self) -> list[str]:
+        """Say, step by step, what ``run`` would keep and what it would run; the walk ends at the first step to run
+        (the lineage of the steps after it depends on files that step makes). Returns the steps that would run."""
+        self.plan_only = True
+        try:
+            self._steps()
+        except PlanEnds as e:
+            later = list(STEPS[STEPS.index(e.step):])
+            if len(later) > 1:
+                self.say(f"then: {', '.join(later[1:])} (their lineage depends on outputs not made yet)")
+            return later
+        finally:
+            self.plan_only = False
+        return []
+
+    def _steps(self) -> Any:
+        stage1 = self.run_stage1()
+        tokenizer = self.run_export(stage1)
+        tokens = self.run_encode(tokenizer)
+        prior = self.run_stage2(tokenizer, tokens)
+        ref = self.run_ref()
+        samples = self.run_sample(tokenizer, prior)
+        return samples, self.run_gfid(samples, ref)
+
     def run(self) -> dict[str, StepResult]:
         from vitvq.trainer.tracking import git_commit, make_tracker
         c = self.cfg
@@ -507,13 +537,7 @@ class Pipeline:
             self.parent.log_params(flatten(c))
         status = "FAILED"
         try:
-            stage1 = self.run_stage1()
-            tokenizer = self.run_export(stage1)
-            tokens = self.run_encode(tokenizer)
-            prior = self.run_stage2(tokenizer, tokens)
-            ref = self.run_ref()
-            samples = self.run_sample(tokenizer, prior)
-            gfid = self.run_gfid(samples, ref)
+            samples, gfid = self._steps()
             self.parent.log_metrics({k: v for k, v in gfid.metrics.items() if k.startswith("eval/")}, step=0)
             if Path(samples.outputs["grid"]).is_file():
                 self.parent.log_artifact(samples.outputs["grid"], artifact_path="images")
@@ -527,6 +551,14 @@ class Pipeline:
                                                ("folder", str(r.folder)))})
             self.parent.close(status)
         return self.results
+
+
+class PlanEnds(Exception):
+    """``Pipeline.plan`` reached a step that would run."""
+
+    def __init__(self, step: str):
+        super().__init__(step)
+        self.step = step
 
 
 def token_grid_of(model_cfg: Any) -> Optional[int]:

@@ -114,6 +114,12 @@ def test_runs_once_skips_on_rerun_and_reruns_what_a_changed_tokenizer_feeds(pipe
     assert all(new_parent.data.tags[f"step.{s}.status"] == "skipped" for s in STEPS)
     assert new_parent.data.tags["step.gfid.run_id"] == made["gfid"][0]["run_id"]  # where the output came from
 
+    # --plan says the same without running anything; with another tokenizer recipe, that stage 1 would run first
+    assert pipeline("--plan").stdout.count(": skipped, output of lineage") == len(STEPS)
+    planned = pipeline("--plan", CHANGED_TOKENIZER).stdout
+    assert "[1/7] stage1: runs into" in planned and "then: export, encode, stage2, ref, sample, gfid" in planned
+    assert len(list(pipeline.root.glob("stage1-*"))) == 1  # nothing made
+
     # 3. Another tokenizer recipe: it and everything fed by its codes run again; the real images' statistics not.
     third = pipeline(CHANGED_TOKENIZER)
     want = {s: "ran" for s in STEPS} | {"ref": "skipped"}
