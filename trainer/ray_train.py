@@ -32,10 +32,13 @@ So :func:`train_loop` gives ``StopRequest`` a way to the main thread (:func:`on_
 ``execute`` task, which runs there); our handler replaces Ray's for the run, every rank finishes the step and saves
 it, and the workers end with
 :class:`WorkerStopped`: a worker error, so Ray restarts the group (it counts against ``--max-failures``; with none
-left the run ends and a rerun resumes) from that very checkpoint. What Ray itself does on the way is not a
-SIGTERM: ``ray.kill`` and a group restart for an elastic resize kill the worker process outright (no handler runs:
-the run resumes from the latest checkpoint, as after a crash), and a node drain is announced through
-``ray.train.get_preemption_info`` only.
+left the run ends and a rerun resumes) from that very checkpoint. This covers a SIGTERM sent to the worker process
+(a preemption script, ``kill``, a process-group signal). What Ray itself does on the way is not one:
+``ray.kill`` and a group restart for an elastic resize kill the worker process outright, and a SIGTERM to a node's
+raylet (probed on a ``ray.cluster_utils.Cluster`` node) ends the node and its workers without their handlers
+running ("the actor's node was terminated expectedly: received SIGTERM"); the run then resumes from the latest
+periodic checkpoint, as after a crash. A node drain is announced through ``ray.train.get_preemption_info`` only,
+which the Trainer does not read yet.
 
 Listening sockets: a local cluster (:func:`ray_cluster`) puts the dashboard, whose job API runs any command it is
 sent, on 127.0.0.1. The rest cannot be kept there in Ray 2.60: read in /proc/net/tcp{,6}, the GCS, the raylet (node
