@@ -139,8 +139,8 @@ class Codebook(nn.Module):
         self.write_rows: RowWriter = write_rows_inplace
         self.rank, self.world_size, self.step = 0, 1, 0
         self._pending: list[tuple[Tensor, Optional[Tensor], Tensor]] = []  # (counts, EMA sums, vectors)
-        # This rank's vectors since the last check, the newest max(size, one micro-batch) of them: in memory only,
-        # so a run resumed between two checks draws its restarts from the vectors seen since the resume.
+        # This rank's vectors since the last check, the newest max(size, one micro-batch) of them: per-rank state,
+        # saved in the rank's checkpoint file (pool_state), so a run resumed between two checks restarts the same codes.
         self._pool: Optional[Tensor] = None
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's private signature
@@ -153,6 +153,13 @@ class Codebook(nn.Module):
             if new is not None and new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)
         return self
+
+    def pool_state(self) -> Optional[Tensor]:
+        """This rank's restart pool (a copy on the CPU), for the rank's checkpoint file; None when empty."""
+        return None if self._pool is None else self._pool.detach().to("cpu", copy=True)
+
+    def load_pool_state(self, pool: Optional[Tensor]) -> None:
+        self._pool = None if pool is None else pool.to(self.weight.device)
 
     def codes(self) -> Tensor:
         """(K, D) fp32 code vectors as lookups see them (l2-normalized when configured)."""

@@ -110,6 +110,16 @@ class Stage1Task:
         self.loss.load_state_dict(state["loss"])
         self.health.load_state_dict(state["codebook_health"])
 
+    def rank_state_dict(self) -> dict:
+        """Each rank's dead-code restart pool: the vectors its next restart draws from."""
+        return {"restart_pools": [cb.pool_state() for cb in self.gen.quantizer.codebooks()]}
+
+    def load_rank_state_dict(self, state: dict) -> None:
+        pools = state.get("restart_pools")
+        if pools is not None:
+            for cb, pool in zip(self.gen.quantizer.codebooks(), pools, strict=True):
+                cb.load_pool_state(pool)
+
     # -- once at the start, and after each optimizer step ---------------------------------------
     @torch.no_grad()
     def on_start(self) -> None:

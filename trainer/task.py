@@ -142,6 +142,9 @@ class Task(Protocol):
 
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    # Optional: state that differs per rank (saved in each rank's own file, restored when the world size is the same):
+    #   def rank_state_dict(self) -> dict[str, Any]
+    #   def load_rank_state_dict(self, state: dict[str, Any]) -> None
 
 
 def _stage1() -> tuple[type, type]:

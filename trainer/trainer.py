@@ -190,12 +190,14 @@ class Trainer:
                                    f"by {meta['world_size']} ranks: the checkpoint is damaged; point "
                                    f"{self.ckpt.root / 'latest'} at an older complete one")
             set_rng_state(rank_state["rng"])
+            if "task" in rank_state and hasattr(self.task, "load_rank_state_dict"):
+                self.task.load_rank_state_dict(rank_state["task"])
             return rank_state["data"]
         # Another world size: the RNG states do not map onto the new ranks, so every rank is reseeded from the step
         # (deterministic), and every rank, old or new (a new one has no rank file), continues the data from the same
         # state, the old ranks' (shared storage: rank 0 reads them all). The stream continues at the start of the
         # next epoch of the new layout (README, "Changing the world size"); the global batch is kept by the
-        # recomputed accumulation.
+        # recomputed accumulation. Per-rank task state (stage 1's dead-code restart pools) starts empty.
         self.seed_everything(self.cfg.train.seed + self.step)
         self.seed_training(self.cfg.train.seed + self.step)
         data = self.ckpt.data_state(tag, meta["world_size"])
@@ -213,7 +215,10 @@ class Trainer:
         meta = {"mlflow_run_id": self.run_id, "config_hash": config_hash(cfg), "recipe": cfg.recipe,
                 "stage": self.task.name, "zero_stage": cfg.train.zero_stage, "precision": cfg.train.precision,
                 "config": to_dict(cfg)}
-        folder = self.ckpt.save(self.step, self.engines, client_state, {"data": self.stream.state_dict()}, meta)
+        rank_state = {"data": self.stream.state_dict()}
+        if hasattr(self.task, "rank_state_dict"):
+            rank_state["task"] = self.task.rank_state_dict()
+        folder = self.ckpt.save(self.step, self.engines, client_state, rank_state, meta)
         self.last_good = self.ckpt.tag(self.step)
         if self.on_checkpoint is not None:
             self.on_checkpoint(self.step, self.last_good, folder, dict(self.history[-1]) if self.history else {})

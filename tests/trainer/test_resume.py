@@ -116,3 +116,19 @@ def test_a_resumed_run_does_not_initialise_the_codebook_again(tmp_path: Path, to
     res = launch(out, torchrun_env, 1, *km)  # resumes at step 4: the initialised codebook is in the checkpoint
     assert "codebook initialised" not in res.stdout
     assert json.loads((out / "checkpoints" / latest(out) / "meta.json").read_text())["step"] == 8
+
+
+def test_a_resume_between_two_codebook_restarts_restarts_the_same_codes(straight: Path, tmp_path: Path,
+                                                                         torchrun_env: dict) -> None:
+    """The debug recipe checks for dead codes every 2 steps and draws their new vectors from each rank's pool of
+    recent encoder outputs. A checkpoint at step 3 sits between two checks: the pools must come back with it (each
+    rank's file), or the restarts at step 4 differ (or do not happen) and so does everything after."""
+    out = tmp_path / "odd"
+    res = launch(out, torchrun_env, 2, "train.ckpt_every=3", fault="step@5", check=False)
+    assert res.returncode != 0 and latest(out) == "step_00000003"
+    pools = torch.load(out / "checkpoints" / "step_00000003" / "rank_00001.pt", weights_only=False)["task"]
+    assert pools["restart_pools"][0] is not None  # rank 1's own vectors since the check at step 2
+    launch(out, torchrun_env, 2, "train.ckpt_every=3")
+    got, want = losses(out), losses(straight)
+    for step in range(1, 9):
+        assert got[step] == want[step], f"step {step}: resumed {got[step]} != uninterrupted {want[step]}"
