@@ -69,12 +69,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if args.plan:
         pipe.plan()
         return {}
+    from vitvq.trainer.cluster import ClusterCheckError
     from vitvq.trainer.ray_train import ray_cluster
     with ray_cluster(args.address):
         try:
             results = pipe.run()
         except (KeyboardInterrupt, SystemExit):
             raise
+        except ClusterCheckError as e:  # refused before any step ran
+            sys.exit(f"error: {e}")
         except Exception as e:  # noqa: BLE001 - a step's failure, said in one place with what to do next
             detail = str(e).strip().splitlines()
             sys.exit(f"error: pipeline step {pipe.current} failed ({type(e).__name__}): "

@@ -528,8 +528,11 @@ class Pipeline:
 
     def run(self) -> dict[str, StepResult]:
         from vitvq.trainer.tracking import git_commit, make_tracker
+        from vitvq.trainer.cluster import check_multinode, check_visible_everywhere
         c = self.cfg
         self.root.mkdir(parents=True, exist_ok=True)
+        # Before the parent run exists: a root a node cannot see, or one MLflow file per node, is refused here.
+        (check_multinode if c.tracking else check_visible_everywhere)({"pipeline root": self.root})
         self.parent = make_tracker(0, c.tracking, c.experiment, run_name=c.run_name or c.recipe,
                                    tags={"pipeline.root": str(self.root), "git_commit": git_commit() or "unknown",
                                          "recipe": c.recipe})
