@@ -38,6 +38,7 @@ from typing import Any, Callable, Literal, Optional
 from vitvq.configs import check, flatten, load, to_dict
 from vitvq.data.shards import sha256_file
 from vitvq.trainer.config import load_job_config
+from vitvq.trainer.stage2 import SamplingSettings, check_classes
 
 STEPS = ("stage1", "export", "encode", "stage2", "ref", "sample", "gfid")
 MANIFEST = "step.json"
@@ -114,26 +115,20 @@ class EncodeStep(PoolStep):
     limit: Optional[int] = None
     """Encode only the first N samples of each split (quick runs)."""
     batch_size: int = 64
+    """Images (views) per forward pass of the tokenizer."""
 
 
 @dataclass
-class SampleStep(PoolStep):
+class SampleStep(PoolStep, SamplingSettings):
     per_class: int = 50
     """Samples per class (50 x 1000 classes = ADM's 50k for ImageNet)."""
     classes: Optional[list[int]] = None
     """Class indices to sample (default: every class of the prior)."""
-    cfg_scale: float = 2.0
-    """Classifier-free guidance scale (1 = none)."""
-    cfg_schedule: Literal["constant", "linear"] = "constant"
-    """Guidance: constant, or linear from 1 at the first token to cfg_scale at the last."""
-    temperature: float = 1.0
-    """Softmax temperature (0 = greedy)."""
-    top_k: int = 0
-    """Keep the k most likely tokens (0 = all)."""
-    top_p: float = 1.0
-    """Nucleus mass (1 = all)."""
-    seed: int = 0
-    """Base seed: sample i gets its own seed from (seed, i)."""
+
+    def __post_init__(self) -> None:
+        PoolStep.__post_init__(self)
+        SamplingSettings.__post_init__(self)
+        check_classes(self.classes, self.per_class)
 
 
 @dataclass

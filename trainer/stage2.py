@@ -36,14 +36,9 @@ from vitvq.trainer.task import Evaluator, Stream
 
 
 @dataclass
-class SampleGridConfig:
-    """The grid of samples drawn while training (``train.image_every``): the same classes and seeds at every step,
-    so the grids of a run are comparable, with the sampling settings of ``launch/sample.py``."""
+class SamplingSettings:
+    """How tokens are drawn from the prior (``launch/sample.py``'s flags): the training grid's and the pipeline's."""
 
-    classes: list[int] = field(default_factory=lambda: list(range(8)))
-    """One row per class (class-conditional priors; an unconditional prior draws ``len(classes)`` rows anyway)."""
-    per_class: int = 8
-    """Samples per row."""
     cfg_scale: float = 2.0
     """Classifier-free guidance scale (1 = none; ignored by an unconditional prior)."""
     cfg_schedule: Literal["constant", "linear"] = "constant"
@@ -55,17 +50,36 @@ class SampleGridConfig:
     top_p: float = 1.0
     """Nucleus sampling mass (1 = all)."""
     seed: int = 0
-    """Base seed of the grid's samples."""
+    """Base seed: sample i gets its own generator from (seed, i)."""
 
     def __post_init__(self) -> None:
-        check(len(self.classes) > 0, "classes", self.classes, "give at least one class")
-        check(all(c >= 0 for c in self.classes), "classes", self.classes, "class indices must be >= 0")
-        check(len(set(self.classes)) == len(self.classes), "classes", self.classes, "name each class once")
-        check(self.per_class >= 1, "per_class", self.per_class, "must be positive")
         check(self.cfg_scale >= 0, "cfg_scale", self.cfg_scale, "must be >= 0")
         check(self.temperature >= 0, "temperature", self.temperature, "must be >= 0 (0 = greedy)")
         check(self.top_k >= 0, "top_k", self.top_k, "must be >= 0 (0 = all tokens)")
         check(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
+        check(0 <= self.seed < 2**32, "seed", self.seed, "must be in [0, 2**32)")
+
+
+def check_classes(classes: Optional[list[int]], per_class: int) -> None:
+    check(classes is None or len(classes) > 0, "classes", classes, "give at least one class")
+    check(classes is None or all(c >= 0 for c in classes), "classes", classes, "class indices must be >= 0")
+    check(classes is None or len(set(classes)) == len(classes), "classes", classes, "name each class once")
+    check(per_class >= 1, "per_class", per_class, "must be positive")
+
+
+@dataclass
+class SampleGridConfig(SamplingSettings):
+    """The grid of samples drawn while training (``train.image_every``): the same classes and seeds at every step,
+    so the grids of a run are comparable, with the sampling settings of ``launch/sample.py``."""
+
+    classes: list[int] = field(default_factory=lambda: list(range(8)))
+    """One row per class (class-conditional priors; an unconditional prior draws ``len(classes)`` rows anyway)."""
+    per_class: int = 8
+    """Samples per row."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_classes(self.classes, self.per_class)
 
 
 @dataclass

@@ -146,6 +146,29 @@ def test_a_prior_that_does_not_fit_the_tokenizer_is_refused_before_anything_star
         Pipeline(load_pipeline_config(CONFIG, ["stage1.workers=1-3"]))
 
 
+def test_every_pipeline_field_has_a_docstring_and_bad_values_name_the_field() -> None:
+    import dataclasses
+    import typing
+    from vitvq.configs import ConfigError, field_docs
+    from vitvq.trainer.pipeline import PipelineConfig, load_pipeline_config
+    todo, seen = [PipelineConfig], set()
+    while todo:
+        cls = todo.pop()
+        seen.add(cls)
+        docs = field_docs(cls)
+        missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+        assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
+        hints = typing.get_type_hints(cls)
+        todo += [t for t in hints.values() if dataclasses.is_dataclass(t) and t not in seen]
+    assert len(seen) == 5  # the config, TrainStep (both stages), EncodeStep, SampleStep, GfidStep
+    for override, field in (("sample.top_p=0", "sample.top_p"), ("sample.classes=[1,1]", "sample.classes"),
+                            ("sample.seed=-1", "sample.seed"), ("encode.workers=-1", "encode.workers"),
+                            ("gfid.device=cuda", "gfid.device"), ("stage1.workers=2-1", "stage1.workers"),
+                            ("stage2.gpus_per_worker=2", "stage2.gpus_per_worker"), ("stage1.recipe=", "stage1.recipe")):
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            load_pipeline_config(CONFIG, [override])
+
+
 def test_a_step_whose_recorded_output_changed_or_vanished_runs_again(tmp_path: Path) -> None:
     from vitvq.data.shards import sha256_file
     from vitvq.trainer.pipeline import lineage_hash, read_manifest, write_manifest
