@@ -1,10 +1,14 @@
 """Codebook health on real photographs: usage, perplexity and validation PSNR after a fixed number of steps.
 
     python benchmarks/codebook_health.py [--src ../shared/data/imagenet-sample] [--steps 200] [--only paper]
+                                         [--backbone paper|demo]
 
-Trains the demo-size ViT-VQGAN (4+4 blocks, width 128, 64 px, batch 16; ``configs/stage1/demo.yaml``) through the
-real launcher on the ImageNet photographs (classes 0-899 for training with random crops, 900-999 held out for
-validation), once per quantizer and variant:
+Trains a demo-size ViT-VQGAN (``configs/stage1/demo.yaml`` at 64 px, batch 16) through the real launcher. The
+default backbone keeps the paper's layout at demo size, 8 px patches, 4+4 blocks of width 128 and the per-patch
+linear output: the quantizers are what this compares, and the paper's quantizer belongs with the paper's patches.
+``--backbone demo`` takes the demo recipe's own (4 px patches, width 64, conv output head). It trains on the
+ImageNet photographs (classes 0-899 for training with random crops, 900-999 held out for validation), once per
+quantizer and variant:
 - quantizers: the paper's (8192 codes x 32-d, l2-normalized) and the demo's (512 x 16);
 - variants: nothing (random codes, gradient-learned), data init (k-means on the first batches' lookup vectors),
   restarts (codes unused in a window replaced by distinct encoder vectors of it; a check every 10 steps, once the
@@ -32,6 +36,10 @@ from vitvq.data.sources import Listing, list_imagenet
 ROOT = Path(__file__).resolve().parents[1]
 QUANTIZERS = {"paper": ["model.quantizer.codebook_size=8192", "model.quantizer.code_dim=32"],
               "demo": ["model.quantizer.codebook_size=512", "model.quantizer.code_dim=16"]}
+BACKBONES = {"paper": [f"model.{part}.{key}={value}" for part in ("encoder", "decoder")
+                       for key, value in (("patch_size", 8), ("width", 128), ("mlp_dim", 512))]
+             + ["model.decoder.conv_head=0"],
+             "demo": []}
 VQ = "model.quantizer.kind=vq"  # gradient-learned codes whatever the demo recipe's kind
 VARIANTS = {
     "nothing": [VQ, "model.quantizer.init=random", "model.quantizer.restart_dead_codes=false"],
@@ -74,20 +82,22 @@ def main() -> None:
     p.add_argument("--src", default=str(ROOT.parent / "shared" / "data" / "imagenet-sample"))
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--only", choices=sorted(QUANTIZERS), default=None, help="one quantizer only")
+    p.add_argument("--backbone", choices=sorted(BACKBONES), default="paper",
+                   help="paper: 8 px patches, width 128, per-patch output; demo: the demo recipe's ViT")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), help=f"subset of {list(VARIANTS)}")
     args = p.parse_args()
     if not Path(args.src).is_dir():
         sys.exit(f"photographs not found at {args.src}: pass --src with an ImageNet-layout folder")
     with tempfile.TemporaryDirectory(prefix="codebook_health") as tmp:
         shards = write_split(Path(args.src), Path(tmp) / "shards")
-        print(f"{args.steps} steps, demo-size ViT at 64 px, batch 16, ImageNet photographs (900 train / 100 val)")
+        print(f"{args.steps} steps, demo-size ViT ({args.backbone} backbone) at 64 px, batch 16, ImageNet photographs (900 train / 100 val)")
         head = (f"{'quantizer':<14}{'variant':<11}{'usage(win)':>11}{'ppl(win)':>10}{'val usage':>10}{'val ppl':>9}"
                 f"{'val PSNR':>9}{'restarts':>9}{'seconds':>8}")
         print(head)
         for qname in ([args.only] if args.only else list(QUANTIZERS)):
             for vname in args.variants:
                 m, secs = run(shards, Path(tmp) / f"{qname}-{vname}".replace(" ", "_"), args.steps,
-                              QUANTIZERS[qname] + VARIANTS[vname])
+                              BACKBONES[args.backbone] + QUANTIZERS[qname] + VARIANTS[vname])
                 label = "8192x32" if qname == "paper" else "512x16"
                 print(f"{label:<14}{vname:<11}{m['codebook/usage']:>11.1%}{m['codebook/perplexity']:>10.1f}"
                       f"{m['val/codebook_usage']:>10.1%}{m['val/perplexity']:>9.1f}{m['val/psnr']:>9.2f}"

@@ -39,7 +39,7 @@ MARK = "BENCH_RESULT "
 PRESETS = {
     "debug": ("configs/stage1/debug.yaml", [], (8, 4), 2, 20),
     "small": ("configs/stage1/demo.yaml", ["loss.lpips_pretrained_backbone=false", "loss.disc_start=0"],
-              (16, 8), 2, 12),  # demo-size ViT (width 128, depth 4, 64 tokens); disc_start 300 -> 0: D on
+              (16, 8), 2, 12),  # the demo recipe (width 64, depth 4, 256 tokens, conv head); D on from step 0
     # --gpu. LPIPS' VGG trunk is random (the machine may be offline): same cost as the real one.
     "vit-ss": ("configs/stage1/vit_ss_imagenet.yaml", ["data.source=demo", "data.image_size=256",
                                                        "loss.lpips_pretrained_backbone=false"], (64, 32), 3, 10),

@@ -65,6 +65,8 @@ class TokenizerConfig:
                       f"must be divisible by {name}.patch_size={vit.patch_size}")
             check(self.encoder.patch_size == self.decoder.patch_size, "decoder.patch_size",
                   self.decoder.patch_size, f"must equal encoder.patch_size={self.encoder.patch_size}")
+            check(self.encoder.conv_head == 0, "encoder.conv_head", self.encoder.conv_head,
+                  "must be 0: the convolutional output head is the decoder's (decoder.conv_head)")
         else:
             check(self.cnn.kind == self.arch, "cnn.kind", self.cnn.kind,
                   f"must match arch={self.arch!r} (choose a {self.arch} preset for cnn)")

@@ -3,7 +3,8 @@
 The encoder cuts the image into non-overlapping ``patch_size`` patches, embeds them linearly, adds fixed 2-D
 sin-cos position embeddings and runs pre-norm transformer blocks; a two-layer feed-forward head with a tanh in
 the middle maps the tokens to the latent grid (section 3.1; no activation at the output). The decoder mirrors
-it and maps each token back to one patch of pixels.
+it and maps each token back to one patch of pixels; ``conv_head=C`` (ours, off in the paper recipes) maps it to a
+patch of C-channel features instead and lets two 3x3 convolutions across patch borders make the pixels.
 
 Transformer blocks live in ``.blocks`` (an ``nn.ModuleList`` of plain ``forward(x) -> x`` modules) and the
 forward loop reads them from there, so the trainer can replace or wrap each one from outside, e.g. with
@@ -43,6 +44,10 @@ class ViTConfig:
     """Side of the square patches: one token per patch (8 in the paper: 256px -> 32x32 tokens)."""
     dropout: float = 0.0
     """Dropout on attention weights and on the residual branches (0 in the paper)."""
+    conv_head: int = 0
+    """Decoder only: 0 maps each token straight to its patch of pixels (the paper); C > 0 maps it to a patch of
+    C-channel features and two 3x3 convolutions over the whole image turn them into pixels, so every output
+    pixel near a patch border also sees the neighbouring tokens (see ``ConvHead``)."""
 
     PRESETS: ClassVar[dict[str, "ViTConfig"]] = {}
 
@@ -54,6 +59,7 @@ class ViTConfig:
         # Half of the dims encode the row, half the column, each as sin/cos pairs: width must split in 4.
         check(self.width % 4 == 0, "width", self.width, "must be divisible by 4 (2-D sin-cos position embedding)")
         check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
+        check(self.conv_head >= 0, "conv_head", self.conv_head, "must be 0 (per-patch output) or a channel count")
 
 
 # The paper's table 1 sizes (encoder or decoder); "debug" is for CPU tests.
@@ -128,9 +134,29 @@ class TanhHead(nn.Module):
         return self.fc2(torch.tanh(self.fc1(x)))
 
 
+class ConvHead(nn.Module):
+    """(B, C, H, W) per-patch features -> (B, out_channels, H, W) pixels: SiLU -> 3x3 conv (residual) -> SiLU ->
+    3x3 conv. Not in the paper. The paper's per-patch linear output gives each patch only its own token, so patch
+    borders stay visible until the transformer has learnt to carry the neighbours' content into every token;
+    on short runs that means flat blocks (the 600-step demo: boundary gradients 5x the interior ones, against
+    1.02 in the photographs). Here each pixel sees a 5x5 neighbourhood across the borders, for 9 C (C + out)
+    multiply-adds per pixel (C=16, 6 outputs: 3.2k, about a tenth of the demo decoder's per-pixel cost)."""
+
+    def __init__(self, channels: int, out_channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.conv1(F.silu(x))
+        return self.conv2(F.silu(x))
+
+
 def _init_module(m: nn.Module) -> None:
     # MAE / ViT-VQGAN: xavier-uniform linears (patch embedding included), zero biases, unit LayerNorms.
-    if isinstance(m, nn.Linear):
+    if isinstance(m, nn.Conv2d):  # ConvHead: PyTorch's default init (built on meta, nothing else sets it)
+        m.reset_parameters()
+    elif isinstance(m, nn.Linear):
         nn.init.xavier_uniform_(m.weight)
         nn.init.zeros_(m.bias)
     elif isinstance(m, nn.LayerNorm):
@@ -192,7 +218,8 @@ class ViTDecoder(_ViT):
         super().__init__(cfg, image_size)
         p = cfg.patch_size
         self.token_embed = nn.Linear(in_dim, cfg.width)
-        self.head = TanhHead(cfg.width, cfg.mlp_dim, p * p * out_channels)
+        self.head = TanhHead(cfg.width, cfg.mlp_dim, p * p * (cfg.conv_head or out_channels))
+        self.conv_head = ConvHead(cfg.conv_head, out_channels) if cfg.conv_head else None
         self.init_weights()
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -201,12 +228,13 @@ class ViTDecoder(_ViT):
             raise ValueError(f"decoder built for a {self.grid_size}x{self.grid_size} grid, got {h}x{w}")
         tokens = self.run_blocks(self.token_embed(rearrange(z, "b d h w -> b (h w) d")))  # (B, N, D)
         p = self.cfg.patch_size
-        return rearrange(self.head(tokens), "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=h, p1=p, p2=p)
+        out = rearrange(self.head(tokens), "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=h, p1=p, p2=p)
+        return out if self.conv_head is None else self.conv_head(out)
 
     @property
     def last_layer(self) -> nn.Parameter:
-        """Weight of the final linear layer, for taming's adaptive GAN weight."""
-        return self.head.fc2.weight
+        """Weight of the final layer, for taming's adaptive GAN weight."""
+        return self.head.fc2.weight if self.conv_head is None else self.conv_head.conv2.weight
 
 
 __all__ = ["ViTConfig", "ViTEncoder", "ViTDecoder", "Block", "sincos_pos_embed_2d"]

@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vitvq.models.cnn import AttnBlock, CNNConfig, CNNDecoder, CNNEncoder, Downsample, ResnetBlock
 from vitvq.configs import ConfigError, field_docs, from_dict
+from vitvq.models.tokenizer import TokenizerConfig
 from vitvq.models.vit import Block, ViTConfig, ViTDecoder, ViTEncoder, sincos_pos_embed_2d
 
 VIT = ViTConfig.PRESETS
@@ -27,6 +28,11 @@ def n_params(m: nn.Module) -> int:
 def vit_pair(size: int = 32, dim: int = 16, out: int = 6) -> tuple[ViTEncoder, ViTDecoder]:
     torch.manual_seed(0)
     return ViTEncoder(VIT["debug"], size, 3, dim), ViTDecoder(VIT["debug"], size, dim, out)
+
+
+def conv_head_pair(size: int = 32, dim: int = 16, out: int = 6) -> tuple[ViTEncoder, ViTDecoder]:
+    torch.manual_seed(0)
+    return ViTEncoder(VIT["debug"], size, 3, dim), ViTDecoder(dataclasses.replace(VIT["debug"], conv_head=8), size, dim, out)
 
 
 def cnn_pair(name: str, size: int = 32, dim: int = 16) -> tuple[CNNEncoder, CNNDecoder]:
@@ -148,6 +154,42 @@ def test_vit_patches_map_to_their_own_tokens() -> None:
     assert torch.equal(changed, expect)
 
 
+def test_conv_head_reaches_two_pixels_across_patch_borders() -> None:
+    # Without the blocks, a token moves its own 8x8 patch and, through the two 3x3 convolutions, the two pixels
+    # beyond each border of it (clipped at the image edge), and nothing else.
+    _, dec = conv_head_pair(32)
+    dec.blocks = nn.ModuleList()
+    z = torch.randn(1, 16, 4, 4)
+    for row, col, rows, cols in ((2, 1, slice(14, 26), slice(6, 18)), (0, 3, slice(0, 10), slice(22, 32))):
+        z2 = z.clone()
+        z2[0, :, row, col] += 1.0
+        changed = (dec(z2) - dec(z)).abs().sum(1)[0] > 0  # (32, 32)
+        expect = torch.zeros(32, 32, dtype=torch.bool)
+        expect[rows, cols] = True
+        assert torch.equal(changed, expect), (row, col)
+
+
+def test_conv_head_is_built_on_meta_and_refused_on_the_encoder() -> None:
+    cfg = dataclasses.replace(VIT["debug"], conv_head=8)
+    with torch.device("meta"):
+        dec = ViTDecoder(cfg, 32, 16, 6)
+    dec.to_empty(device="cpu")
+    with torch.no_grad():
+        dec.conv_head.conv1.weight.fill_(float("nan"))  # what to_empty may leave: init_weights must reset it
+    torch.manual_seed(0)
+    dec.init_weights()
+    for conv in (dec.conv_head.conv1, dec.conv_head.conv2):
+        bound = 1 / math.sqrt(conv.in_channels * 9)  # PyTorch's default conv init: uniform in +-1/sqrt(fan_in)
+        assert all(torch.isfinite(p).all() and p.abs().max() <= bound for p in (conv.weight, conv.bias))
+        assert conv.weight.std() > 0.5 * bound  # uniform: std = bound / sqrt(3) = 0.577 bound (>= 384 draws)
+    assert torch.isfinite(dec(torch.randn(1, 16, 4, 4))).all()
+    with pytest.raises(ConfigError) as err:
+        from_dict(TokenizerConfig, {"preset": "debug", "encoder": {"preset": "debug", "conv_head": 8}}, "model")
+    assert err.value.field == "model.encoder.conv_head"
+    with pytest.raises(ConfigError, match="'conv_head'"):
+        ViTConfig(conv_head=-1)
+
+
 def test_vit_head_is_tanh_ffn_without_output_activation() -> None:
     enc, dec = vit_pair(32)
     x = torch.randn(2, 3, 32, 32)
@@ -178,6 +220,9 @@ def _last_layer_is_linear_output(dec: nn.Module, z: torch.Tensor, bias: torch.Te
 def test_last_layer_is_the_final_layer() -> None:
     _, dec = vit_pair(32)
     _last_layer_is_linear_output(dec, torch.randn(1, 16, 4, 4), dec.head.fc2.bias)
+    _, dec = conv_head_pair(32)
+    assert dec.last_layer is dec.conv_head.conv2.weight
+    _last_layer_is_linear_output(dec, torch.randn(1, 16, 4, 4), dec.conv_head.conv2.bias)
     for name in ("debug-vqgan", "debug-vqvae"):
         _, dec = cnn_pair(name)
         _last_layer_is_linear_output(dec, torch.randn(1, 16, 32 // CNN[name].downsample, 32 // CNN[name].downsample),
@@ -185,7 +230,7 @@ def test_last_layer_is_the_final_layer() -> None:
 
 
 # -- shared: gradients, checkpointing -----------------------------------------------------------------------
-PAIRS = {"vit": lambda: vit_pair(32), "vqgan": lambda: cnn_pair("debug-vqgan"), "vqvae": lambda: cnn_pair("debug-vqvae")}
+PAIRS = {"vit": lambda: vit_pair(32), "vit-conv-head": lambda: conv_head_pair(32), "vqgan": lambda: cnn_pair("debug-vqgan"), "vqvae": lambda: cnn_pair("debug-vqvae")}
 
 
 @pytest.mark.parametrize("kind", list(PAIRS))

@@ -54,7 +54,7 @@ def test_demo_run_records_everything_in_mlflow(demo_run) -> None:
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED"
     params = run.data.params
-    assert params["train.steps"] == "6" and params["model.encoder.width"] == "128" and params["recipe"] == "demo"
+    assert params["train.steps"] == "6" and params["model.encoder.width"] == "64" and params["recipe"] == "demo"
     tags = run.data.tags
     assert tags["recipe"] == "demo" and tags["world_size"] == "1"
     assert len(tags["dataset_index_sha256"]) == 64 and tags["git_commit"]
