@@ -84,20 +84,24 @@ def main() -> None:
     p.add_argument("--only", choices=sorted(QUANTIZERS), default=None, help="one quantizer only")
     p.add_argument("--backbone", choices=sorted(BACKBONES), default="paper",
                    help="paper: 8 px patches, width 128, per-patch output; demo: the demo recipe's ViT")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="recipe overrides for every run, e.g. model.quantizer.restart_window_uses=4")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), help=f"subset of {list(VARIANTS)}")
     args = p.parse_args()
     if not Path(args.src).is_dir():
         sys.exit(f"photographs not found at {args.src}: pass --src with an ImageNet-layout folder")
     with tempfile.TemporaryDirectory(prefix="codebook_health") as tmp:
         shards = write_split(Path(args.src), Path(tmp) / "shards")
-        print(f"{args.steps} steps, demo-size ViT ({args.backbone} backbone) at 64 px, batch 16, ImageNet photographs (900 train / 100 val)")
+        extra = "".join(f", {kv}" for kv in args.set)
+        print(f"{args.steps} steps, demo-size ViT ({args.backbone} backbone{extra}) at 64 px, batch 16, "
+              "ImageNet photographs (900 train / 100 val)")
         head = (f"{'quantizer':<14}{'variant':<11}{'usage(win)':>11}{'ppl(win)':>10}{'val usage':>10}{'val ppl':>9}"
                 f"{'val PSNR':>9}{'restarts':>9}{'seconds':>8}")
         print(head)
         for qname in ([args.only] if args.only else list(QUANTIZERS)):
             for vname in args.variants:
                 m, secs = run(shards, Path(tmp) / f"{qname}-{vname}".replace(" ", "_"), args.steps,
-                              BACKBONES[args.backbone] + QUANTIZERS[qname] + VARIANTS[vname])
+                              BACKBONES[args.backbone] + QUANTIZERS[qname] + VARIANTS[vname] + args.set)
                 label = "8192x32" if qname == "paper" else "512x16"
                 print(f"{label:<14}{vname:<11}{m['codebook/usage']:>11.1%}{m['codebook/perplexity']:>10.1f}"
                       f"{m['val/codebook_usage']:>10.1%}{m['val/perplexity']:>9.1f}{m['val/psnr']:>9.2f}"

@@ -1,6 +1,6 @@
 """How blocky are a tokenizer's reconstructions? Patch-grid figures on the demo's validation crops.
 
-    python benchmarks/patch_artifacts.py runs/demo/tokenizer.pt [more exports ...] [--patch 8]
+    python benchmarks/patch_artifacts.py runs/demo/tokenizer.pt [more exports ...] [--patch 8] [--grid out.png]
 
 For each tokenizer export (and, first, for three references computed from the photographs themselves) prints,
 on the built-in demo photographs' 512 validation crops (64 px, ``~/.cache/vitvq/demo``, written on first use):
@@ -12,8 +12,9 @@ on the built-in demo photographs' 512 validation crops (64 px, ``~/.cache/vitvq/
 The references: flat blocks of each ``--patch`` patch's mean colour, the bilinear upsampling of those means (what
 smoothing alone gives), and the best per-patch code of ``--codes`` (512): k-means (Lloyd, 15 iterations) on the
 raw patches of 4096 training crops, decoded without context. That last one bounds what a tokenizer with that
-many codes per patch reaches when each patch is decoded from its own token alone. No library computes these
-patch-grid figures; they are a few lines of tensor code.
+many codes per patch reaches when each patch is decoded from its own token alone. ``--grid`` writes the first 8
+crops above each export's reconstructions, enlarged 3x without smoothing so the patch grid shows. No library
+computes these patch-grid figures; they are a few lines of tensor code.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torchvision.utils import save_image
 
 from vitvq.data.builtin import ensure_demo_shards
 from vitvq.data.stream import build_eval_loader
@@ -73,10 +75,11 @@ def patch_kmeans(train: torch.Tensor, val: torch.Tensor, p: int, k: int, iters: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("exports", nargs="*", help="tokenizer exports (launch/export_tokenizer.py, or a run's tokenizer.pt)")
+    ap.add_argument("exports", nargs="*", help="tokenizer exports (a run's tokenizer.pt, launch/export_tokenizer.py)")
     ap.add_argument("--patch", type=int, default=8, help="patch side of the references and of the detail figure")
     ap.add_argument("--codes", type=int, default=512, help="centres of the per-patch k-means reference")
     ap.add_argument("--data", default="~/.cache/vitvq/demo", help="where the demo shards live (written if missing)")
+    ap.add_argument("--grid", default=None, help="PNG of the first 8 crops above each export's reconstructions")
     args = ap.parse_args()
     p = args.patch
     val = load_split(args.data, "val", 512)
@@ -95,12 +98,18 @@ def main() -> None:
     row(f"bilinear {p} px patch means", F.interpolate(means, scale_factor=p, mode="bilinear", align_corners=False), p)
     row(f"{args.codes}-centre k-means per {p} px patch", patch_kmeans(load_split(args.data, "train", 4096), val, p,
                                                                     args.codes), p)
+    rows = [val[:8]]
     for path in args.exports:
         tok = Tokenizer.load_export(path)
         patch = tok.cfg.encoder.patch_size if tok.cfg.arch == "vit" else 64 // tok.encoder(val[:1]).shape[-1]
         with torch.no_grad():
             rec = torch.cat([(tok.reconstruct(b * 2 - 1) + 1) / 2 for b in val.split(64)]).clamp(0, 1)
         row(f"{path} ({patch} px tokens)", rec, patch)
+        rows.append(rec[:8])
+    if args.grid:
+        big = F.interpolate(torch.cat(rows), scale_factor=3, mode="nearest")  # (8 (1 + exports), 3, 192, 192)
+        save_image(big, args.grid, nrow=8, padding=4, pad_value=1.0)
+        print(f"grid: {args.grid} (originals, then one row per export)")
 
 
 if __name__ == "__main__":

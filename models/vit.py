@@ -138,9 +138,10 @@ class ConvHead(nn.Module):
     """(B, C, H, W) per-patch features -> (B, out_channels, H, W) pixels: SiLU -> 3x3 conv (residual) -> SiLU ->
     3x3 conv. Not in the paper. The paper's per-patch linear output gives each patch only its own token, so patch
     borders stay visible until the transformer has learnt to carry the neighbours' content into every token;
-    on short runs that means flat blocks (the 600-step demo: boundary gradients 5x the interior ones, against
-    1.02 in the photographs). Here each pixel sees a 5x5 neighbourhood across the borders, for 9 C (C + out)
-    multiply-adds per pixel (C=16, 6 outputs: 3.2k, about a tenth of the demo decoder's per-pixel cost)."""
+    on short runs that means flat blocks (the 600-step 8 px demo: pixel steps across patch borders 5.2x those
+    inside them, against 1.04 in the photographs; benchmarks/patch_artifacts.py). Here each pixel sees a 5x5
+    neighbourhood across the borders, for 9 C (C + out) multiply-adds per pixel (C=16, 6 outputs: 3.2k, about a
+    tenth of the demo decoder's per-pixel cost)."""
 
     def __init__(self, channels: int, out_channels: int):
         super().__init__()
@@ -237,4 +238,4 @@ class ViTDecoder(_ViT):
         return self.head.fc2.weight if self.conv_head is None else self.conv_head.conv2.weight
 
 
-__all__ = ["ViTConfig", "ViTEncoder", "ViTDecoder", "Block", "sincos_pos_embed_2d"]
+__all__ = ["ViTConfig", "ViTEncoder", "ViTDecoder", "Block", "ConvHead", "sincos_pos_embed_2d"]

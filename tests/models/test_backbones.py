@@ -32,7 +32,8 @@ def vit_pair(size: int = 32, dim: int = 16, out: int = 6) -> tuple[ViTEncoder, V
 
 def conv_head_pair(size: int = 32, dim: int = 16, out: int = 6) -> tuple[ViTEncoder, ViTDecoder]:
     torch.manual_seed(0)
-    return ViTEncoder(VIT["debug"], size, 3, dim), ViTDecoder(dataclasses.replace(VIT["debug"], conv_head=8), size, dim, out)
+    head = dataclasses.replace(VIT["debug"], conv_head=8)
+    return ViTEncoder(VIT["debug"], size, 3, dim), ViTDecoder(head, size, dim, out)
 
 
 def cnn_pair(name: str, size: int = 32, dim: int = 16) -> tuple[CNNEncoder, CNNDecoder]:
@@ -230,7 +231,8 @@ def test_last_layer_is_the_final_layer() -> None:
 
 
 # -- shared: gradients, checkpointing -----------------------------------------------------------------------
-PAIRS = {"vit": lambda: vit_pair(32), "vit-conv-head": lambda: conv_head_pair(32), "vqgan": lambda: cnn_pair("debug-vqgan"), "vqvae": lambda: cnn_pair("debug-vqvae")}
+PAIRS = {"vit": lambda: vit_pair(32), "vit-conv-head": lambda: conv_head_pair(32),
+         "vqgan": lambda: cnn_pair("debug-vqgan"), "vqvae": lambda: cnn_pair("debug-vqvae")}
 
 
 @pytest.mark.parametrize("kind", list(PAIRS))
