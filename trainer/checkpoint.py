@@ -87,7 +87,7 @@ def fsync_tree(folder: Path, newer_than: float = 0.0) -> None:
         _fsync(Path(root))
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temporary name, fsync, rename over ``path``, fsync the folder: ``path`` is the old or the new
     text after any crash, and the new one once this returns."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -120,7 +120,7 @@ def check_shared_folder(folder: Path, dist: DistInfo) -> None:
     probe = folder / f".shared-check-{os.getpid()}-{dist.rank}"
     token = f"{time.time_ns()}-{os.getpid()}"
     if dist.is_main:
-        _atomic_write_text(probe, token)
+        atomic_write_text(probe, token)
     token, name = broadcast_object((token, probe.name))
     seen = (folder / name).is_file() and (folder / name).read_text() == token
     views = all_gather_object(seen)
@@ -202,9 +202,9 @@ class CheckpointManager:
         fsync_tree(folder, newer_than=started)  # what this rank wrote is on disk before it says so
         barrier()  # every rank has written and synced everything
         if self.dist.is_main:
-            _atomic_write_text(folder / "meta.json", json.dumps({**meta, "step": step, "tag": tag,
+            atomic_write_text(folder / "meta.json", json.dumps({**meta, "step": step, "tag": tag,
                                                                  "world_size": self.dist.world_size}, indent=1))
-            _atomic_write_text(self.root / "latest", tag)
+            atomic_write_text(self.root / "latest", tag)
             self._prune(keep=tag)
         barrier()
         return folder

@@ -27,9 +27,7 @@ invocations): what is needed is a content-addressed skip rule and the MLflow tre
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,62 +36,11 @@ from typing import Any, Callable, Optional
 from vitvq.configs import flatten, to_dict
 from vitvq.data.shards import sha256_file
 from vitvq.trainer.config import load_job_config
+from vitvq.trainer.lineage import lineage_hash, read_manifest, training_key, write_manifest
 from vitvq.trainer.pipeline_config import (EncodeStep, GfidStep, PipelineConfig, SampleStep, TrainStep,
                                            load_pipeline_config)
 
 STEPS = ("stage1", "export", "encode", "stage2", "ref", "sample", "gfid")
-MANIFEST = "step.json"
-BOOKKEEPING = ("out_dir", "experiment", "run_name", "parent_run_id", "tracking", "progress")
-"""``train.*`` fields that name where a training writes and how it shows progress, not what it computes: left out of
-its lineage."""
-
-
-# -- lineage and manifests ------------------------------------------------------------------------
-def lineage_hash(name: str, key: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps({"step": name, **key}, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def training_key(cfg: Any, drop: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The resolved recipe minus bookkeeping (and minus ``drop``, top-level fields replaced by file hashes)."""
-    data = to_dict(cfg)
-    for k in BOOKKEEPING:
-        data["train"].pop(k, None)
-    for k in drop:
-        section, _, name = k.partition(".")
-        if name:
-            data[section].pop(name, None)
-        else:
-            data.pop(section, None)
-    return data
-
-
-def read_manifest(folder: Path, lineage: str) -> Optional[dict[str, Any]]:
-    """The step's record when its output is complete and unchanged; None when the step must run."""
-    path = folder / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if manifest.get("lineage") != lineage:
-        return None
-    for name, out in manifest["outputs"].items():
-        p = Path(out)
-        if not p.exists():
-            return None
-        if p.is_file() and sha256_file(p) != manifest["sha256"].get(name):
-            return None
-    return manifest
-
-
-def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    tmp = folder / (MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(manifest, indent=1, default=str))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / MANIFEST)
 
 
 # -- the pipeline ---------------------------------------------------------------------------------
