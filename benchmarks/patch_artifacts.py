@@ -28,6 +28,7 @@ from torchvision.utils import save_image
 
 from vitvq.data.builtin import ensure_demo_shards
 from vitvq.data.stream import build_eval_loader
+from vitvq.models.losses import psnr
 from vitvq.models.tokenizer import Tokenizer
 
 
@@ -36,11 +37,6 @@ def load_split(root: str, split: str, limit: int) -> torch.Tensor:
     loader = build_eval_loader(str(index), image_size=64, batch_size=256, rank=0, world_size=1, index=str(index),
                                pixel_range="zero_one")
     return torch.cat([b["image"] for b in loader])[:limit]  # (N, 3, 64, 64) in [0, 1]
-
-
-def psnr(rec: torch.Tensor, x: torch.Tensor) -> float:
-    mse = ((rec - x) ** 2).flatten(1).mean(1).clamp_min(1e-10)
-    return (10 * torch.log10(1 / mse)).mean().item()
 
 
 def detail(rec: torch.Tensor, x: torch.Tensor, p: int) -> float:
@@ -87,7 +83,7 @@ def main() -> None:
     print(f"{'reconstruction':<46}{'PSNR':>7}{'detail':>8}{'border':>8}")
 
     def row(name: str, rec: torch.Tensor, grid: int) -> None:
-        db, ratio = psnr(rec, val), border_ratio(rec, grid)
+        db, ratio = psnr(rec, val).mean().item(), border_ratio(rec, grid)
         db_s = "exact" if db >= 99 else f"{db:.2f}"  # the 1e-10 MSE floor: the photographs themselves
         ratio_s = f"{ratio:.2f}" if ratio < 1e3 else ">1000"  # flat blocks: nothing inside to divide by
         print(f"{name:<46}{db_s:>7}{detail(rec, val, p):>8.3f}{ratio_s:>8}", flush=True)
@@ -101,8 +97,10 @@ def main() -> None:
     rows = [val[:8]]
     for path in args.exports:
         tok = Tokenizer.load_export(path)
-        patch = tok.cfg.encoder.patch_size if tok.cfg.arch == "vit" else 64 // tok.encoder(val[:1]).shape[-1]
+        if tok.cfg.image_size != 64:
+            raise SystemExit(f"{path} is a {tok.cfg.image_size} px tokenizer; the demo crops are 64 px")
         with torch.no_grad():
+            patch = 64 // tok.encode(val[:1] * 2 - 1).indices.shape[1]  # (B, h, w[, depth]) codes
             rec = torch.cat([(tok.reconstruct(b * 2 - 1) + 1) / 2 for b in val.split(64)]).clamp(0, 1)
         row(f"{path} ({patch} px tokens)", rec, patch)
         rows.append(rec[:8])

@@ -134,6 +134,12 @@ def lecam_regularization(logits_real: torch.Tensor, logits_fake: torch.Tensor, e
             + F.relu(ema_real - logits_fake.float()).square().mean())
 
 
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(B,) PSNR in dB between images in [0, 1], per image (the MSE floored at 1e-10: 100 dB for equal images)."""
+    mse = ((a.float() - b.float()) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+    return 10 * torch.log10(1.0 / mse)
+
+
 def _noop(t: torch.Tensor) -> torch.Tensor:
     return t
 
@@ -256,4 +262,5 @@ class Stage1Loss(nn.Module):
 
 
 __all__ = ["LossConfig", "Stage1Loss", "logit_laplace_nll", "logit_laplace_image", "decoder_output_to_image",
-           "gan_d_loss", "gan_g_loss", "adaptive_weight", "r1_penalty", "lecam_regularization", "LOGIT_LAPLACE_EPS"]
+           "gan_d_loss", "gan_g_loss", "adaptive_weight", "r1_penalty", "lecam_regularization", "psnr",
+           "LOGIT_LAPLACE_EPS"]

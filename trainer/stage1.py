@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from vitvq.data import build_eval_loader, build_train_stream, index_checksum, shard_spec
 from vitvq.models.discriminators import build_discriminator
-from vitvq.models.losses import Stage1Loss
+from vitvq.models.losses import Stage1Loss, psnr
 from vitvq.models.tokenizer import Tokenizer
 from vitvq.trainer.config import OptimConfig, Stage1Config
 from vitvq.models.codebook import UsageWindow, code_stats
@@ -224,10 +224,9 @@ class Stage1Task:
             dec_out, q = gen(x.to(self.dtype))
             x_rec = gen.to_image(dec_out.float()).clamp(-1, 1)
             a, b = (x + 1) / 2, (x_rec + 1) / 2
-            mse = ((a - b) ** 2).flatten(1).mean(1).clamp_min(1e-10)
             sums[0] += x.shape[0]
             sums[1] += (a - b).abs().flatten(1).mean(1).sum().double()
-            sums[2] += (10 * torch.log10(1.0 / mse)).sum().double()
+            sums[2] += psnr(a, b).sum().double()
             sums[3] += self.loss.lpips_distance(x, x_rec).sum().double()
             codes = q.indices if q.indices.ndim == 3 else q.indices[..., 0]  # residual: the first level's codes
             hist += torch.bincount(codes.flatten(), minlength=k).double()

@@ -25,15 +25,10 @@ def n_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def vit_pair(size: int = 32, dim: int = 16, out: int = 6) -> tuple[ViTEncoder, ViTDecoder]:
+def vit_pair(size: int = 32, dim: int = 16, out: int = 6, conv_head: int = 0) -> tuple[ViTEncoder, ViTDecoder]:
     torch.manual_seed(0)
-    return ViTEncoder(VIT["debug"], size, 3, dim), ViTDecoder(VIT["debug"], size, dim, out)
-
-
-def conv_head_pair(size: int = 32, dim: int = 16, out: int = 6) -> tuple[ViTEncoder, ViTDecoder]:
-    torch.manual_seed(0)
-    head = dataclasses.replace(VIT["debug"], conv_head=8)
-    return ViTEncoder(VIT["debug"], size, 3, dim), ViTDecoder(head, size, dim, out)
+    dec = dataclasses.replace(VIT["debug"], conv_head=conv_head)
+    return ViTEncoder(VIT["debug"], size, 3, dim), ViTDecoder(dec, size, dim, out)
 
 
 def cnn_pair(name: str, size: int = 32, dim: int = 16) -> tuple[CNNEncoder, CNNDecoder]:
@@ -158,7 +153,7 @@ def test_vit_patches_map_to_their_own_tokens() -> None:
 def test_conv_head_reaches_two_pixels_across_patch_borders() -> None:
     # Without the blocks, a token moves its own 8x8 patch and, through the two 3x3 convolutions, the two pixels
     # beyond each border of it (clipped at the image edge), and nothing else.
-    _, dec = conv_head_pair(32)
+    _, dec = vit_pair(32, conv_head=8)
     dec.blocks = nn.ModuleList()
     z = torch.randn(1, 16, 4, 4)
     for row, col, rows, cols in ((2, 1, slice(14, 26), slice(6, 18)), (0, 3, slice(0, 10), slice(22, 32))):
@@ -221,7 +216,7 @@ def _last_layer_is_linear_output(dec: nn.Module, z: torch.Tensor, bias: torch.Te
 def test_last_layer_is_the_final_layer() -> None:
     _, dec = vit_pair(32)
     _last_layer_is_linear_output(dec, torch.randn(1, 16, 4, 4), dec.head.fc2.bias)
-    _, dec = conv_head_pair(32)
+    _, dec = vit_pair(32, conv_head=8)
     assert dec.last_layer is dec.conv_head.conv2.weight
     _last_layer_is_linear_output(dec, torch.randn(1, 16, 4, 4), dec.conv_head.conv2.bias)
     for name in ("debug-vqgan", "debug-vqvae"):
@@ -231,7 +226,7 @@ def test_last_layer_is_the_final_layer() -> None:
 
 
 # -- shared: gradients, checkpointing -----------------------------------------------------------------------
-PAIRS = {"vit": lambda: vit_pair(32), "vit-conv-head": lambda: conv_head_pair(32),
+PAIRS = {"vit": lambda: vit_pair(32), "vit-conv-head": lambda: vit_pair(32, conv_head=8),
          "vqgan": lambda: cnn_pair("debug-vqgan"), "vqvae": lambda: cnn_pair("debug-vqvae")}
 
 
