@@ -8,6 +8,10 @@ back, refusing unknown keys and wrongly typed values with the dotted name of the
 A dataclass-typed field also accepts a preset name: ``encoder: small`` (or ``{preset: small, depth: 4}``)
 is looked up in the class's ``PRESETS`` dict, so recipes and overrides can say ``model.encoder=base``.
 
+A field that picks a builder (``quantizer.kind``, ``arch``) is a plain ``str`` that its ``__post_init__`` resolves
+with :func:`lookup` in the model module's registry table: the allowed values are that table's keys, not a second
+``Literal`` list that could disagree with it.
+
 Used by ``trainer.config`` (the job schema) and by ``models.tokenizer`` (loading exported weights);
 it imports nothing but the standard library and PyYAML.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -37,6 +42,15 @@ def check(cond: bool, field: str, value: Any, hint: str) -> None:
     """Raise :class:`ConfigError` unless ``cond``; the one-liner used by every ``__post_init__``."""
     if not cond:
         raise ConfigError(field, value, hint)
+
+
+def lookup(table: Mapping[str, T], key: Any, field: str, what: str) -> T:
+    """``table[key]`` for a registry (kind -> builder), else a :class:`ConfigError` naming ``field``, the value and
+    the known keys, sorted. Config ``__post_init__`` and builders both resolve a kind here, so the allowed values
+    are the table's keys and an unknown kind cannot fall through to some other model (issue 19)."""
+    if not isinstance(key, str) or key not in table:
+        raise ConfigError(field, key, f"not a {what}; known: {', '.join(sorted(table))}")
+    return table[key]
 
 
 def _prefix_error(err: ConfigError, prefix: str) -> ConfigError:
@@ -271,6 +285,6 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-__all__ = ["ConfigError", "check", "from_dict", "to_dict", "flatten", "unflatten", "parse_overrides",
+__all__ = ["ConfigError", "check", "lookup", "from_dict", "to_dict", "flatten", "unflatten", "parse_overrides",
            "merge", "load", "field_docs", "set_dotted"]
 _ = typing  # keep `typing` importable for get_type_hints on modules using string annotations

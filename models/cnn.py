@@ -7,6 +7,9 @@
   1711.00937, section 4.1): two stride-2 4x4 convs, a 3x3 conv and a ReLU residual stack; the decoder mirrors
   it with two stride-2 4x4 transposed convs.
 
+Each kind is one row of ``CNN_KINDS`` (its downsampling factor and the builders of its parts); ``CNNConfig.kind``
+accepts exactly the table's keys.
+
 The encoder ends in a 1x1 conv to ``out_dim`` (taming's ``quant_conv``), the decoder starts with a 1x1 conv
 from ``in_dim`` (``post_quant_conv``), so both plug into the same quantizer as the ViT pair. ``blocks`` holds
 the stages (resolution levels and middle block, or residual layers): each is a plain ``forward(x) -> y``
@@ -19,7 +22,7 @@ module the forward loop reads from the list, so the trainer may wrap each with n
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Callable, ClassVar, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -27,11 +30,12 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from vitvq.configs import check
+from vitvq.configs.schema import lookup
 
 
 @dataclass
 class CNNConfig:
-    kind: Literal["vqgan", "vqvae"] = "vqgan"
+    kind: str = "vqgan"
     """Architecture: taming's VQGAN ResNet/attention net, or the VQ-VAE conv net."""
     ch: int = 128
     """(vqgan) Base channel count; a multiple of 32 for GroupNorm(32)."""
@@ -52,9 +56,10 @@ class CNNConfig:
     num_res_layers: int = 2
     """(vqvae) Residual layers (ReLU, 3x3 conv, ReLU, 1x1 conv) in encoder and decoder."""
 
-    PRESETS: ClassVar[dict[str, "CNNConfig"]] = {}
+    PRESETS: ClassVar[dict[str, "CNNConfig"]] = {}  # filled in below CNN_KINDS, which __post_init__ reads
 
     def __post_init__(self) -> None:
+        lookup(CNN_KINDS, self.kind, "kind", "CNN kind")  # the allowed kinds are the table's keys
         check(self.ch > 0 and self.ch % 32 == 0, "ch", self.ch, "must be a positive multiple of 32 (GroupNorm(32))")
         check(len(self.ch_mult) > 0 and all(m > 0 for m in self.ch_mult), "ch_mult", self.ch_mult,
               "must be a non-empty list of positive multipliers")
@@ -70,19 +75,7 @@ class CNNConfig:
     @property
     def downsample(self) -> int:
         """Total downsampling factor: image side / latent side."""
-        return 2 ** (len(self.ch_mult) - 1) if self.kind == "vqgan" else 4
-
-
-CNNConfig.PRESETS = {
-    # taming-transformers ImageNet f16 VQGAN (configs/imagenet_vqgan.yaml): 256px -> 16x16.
-    "vqgan-f16": CNNConfig(kind="vqgan", ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
-                           attn_resolutions=(16,), z_channels=256),
-    # VQ-VAE paper / Sonnet example: 128 hidden, 2 residual layers of 32 hidden, downsampling by 4.
-    "vqvae": CNNConfig(kind="vqvae", hidden=128, res_hidden=32, num_res_layers=2, z_channels=64),
-    "debug-vqgan": CNNConfig(kind="vqgan", ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,),
-                             z_channels=32),
-    "debug-vqvae": CNNConfig(kind="vqvae", hidden=32, res_hidden=8, num_res_layers=1, z_channels=16),
-}
+        return _kind(self).downsample(self)
 
 
 # -- taming's building blocks -----------------------------------------------------------------------------
@@ -193,26 +186,10 @@ class CNNEncoder(nn.Module):
         super().__init__()
         _check_size(cfg, image_size)
         self.cfg = cfg
-        if cfg.kind == "vqgan":
-            self.stem: nn.Module = nn.Conv2d(in_channels, cfg.ch, 3, padding=1)
-            levels, cin, res = [], cfg.ch, image_size
-            for i, mult in enumerate(cfg.ch_mult):
-                last = i == len(cfg.ch_mult) - 1
-                cout = cfg.ch * mult
-                levels.append(Level(cin, cout, cfg.num_res_blocks, res in cfg.attn_resolutions,
-                                    nn.Identity() if last else Downsample(cout), cfg.dropout))
-                cin, res = cout, res if last else res // 2
-            self.blocks = nn.ModuleList([*levels, Mid(cin, cfg.dropout)])
-            self.tail: nn.Module = nn.Sequential(_norm(cin), nn.SiLU(), nn.Conv2d(cin, cfg.z_channels, 3, padding=1))
-            latent = cfg.z_channels
-        else:
-            hid = cfg.hidden
-            self.stem = nn.Sequential(nn.Conv2d(in_channels, hid // 2, 4, stride=2, padding=1), nn.ReLU(),
-                                      nn.Conv2d(hid // 2, hid, 4, stride=2, padding=1), nn.ReLU(),
-                                      nn.Conv2d(hid, hid, 3, padding=1))
-            self.blocks = nn.ModuleList(ResidualLayer(hid, cfg.res_hidden) for _ in range(cfg.num_res_layers))
-            self.tail = nn.ReLU()  # the residual stack ends in a ReLU
-            latent = hid
+        stem, blocks, tail, latent = _kind(cfg).encoder(cfg, image_size, in_channels)
+        self.stem: nn.Module = stem
+        self.blocks = nn.ModuleList(blocks)
+        self.tail: nn.Module = tail
         self.quant_conv = nn.Conv2d(latent, out_dim, 1)  # taming's quant_conv / VQ-VAE's pre-VQ conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -229,28 +206,12 @@ class CNNDecoder(nn.Module):
         super().__init__()
         _check_size(cfg, image_size)
         self.cfg = cfg
-        if cfg.kind == "vqgan":
-            self.post_quant_conv = nn.Conv2d(in_dim, cfg.z_channels, 1)
-            cin = cfg.ch * cfg.ch_mult[-1]
-            res = image_size // cfg.downsample
-            self.stem: nn.Module = nn.Conv2d(cfg.z_channels, cin, 3, padding=1)
-            stages: list[nn.Module] = [Mid(cin, cfg.dropout)]
-            for i in reversed(range(len(cfg.ch_mult))):
-                cout = cfg.ch * cfg.ch_mult[i]
-                # taming's decoder levels have num_res_blocks + 1 ResNet blocks
-                stages.append(Level(cin, cout, cfg.num_res_blocks + 1, res in cfg.attn_resolutions,
-                                    Upsample(cout) if i else nn.Identity(), cfg.dropout))
-                cin, res = cout, res * 2 if i else res
-            self.blocks = nn.ModuleList(stages)
-            self.tail: nn.Module = nn.Sequential(_norm(cin), nn.SiLU())
-            self.conv_out: nn.Module = nn.Conv2d(cin, out_channels, 3, padding=1)
-        else:
-            hid = cfg.hidden
-            self.post_quant_conv = nn.Conv2d(in_dim, hid, 1)
-            self.stem = nn.Conv2d(hid, hid, 3, padding=1)
-            self.blocks = nn.ModuleList(ResidualLayer(hid, cfg.res_hidden) for _ in range(cfg.num_res_layers))
-            self.tail = nn.Sequential(nn.ReLU(), nn.ConvTranspose2d(hid, hid // 2, 4, stride=2, padding=1), nn.ReLU())
-            self.conv_out = nn.ConvTranspose2d(hid // 2, out_channels, 4, stride=2, padding=1)
+        post_quant_conv, stem, blocks, tail, conv_out = _kind(cfg).decoder(cfg, image_size, in_dim, out_channels)
+        self.post_quant_conv = post_quant_conv
+        self.stem: nn.Module = stem
+        self.blocks = nn.ModuleList(blocks)
+        self.tail: nn.Module = tail
+        self.conv_out: nn.Module = conv_out
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.stem(self.post_quant_conv(z))
@@ -264,4 +225,92 @@ class CNNDecoder(nn.Module):
         return self.conv_out.weight
 
 
-__all__ = ["CNNConfig", "CNNEncoder", "CNNDecoder", "ResnetBlock", "AttnBlock"]
+# -- the kinds: each builds the parts CNNEncoder / CNNDecoder assemble ------------------------------------------
+EncoderParts = tuple[nn.Module, list[nn.Module], nn.Module, int]  # stem, blocks, tail, latent channels
+DecoderParts = tuple[nn.Module, nn.Module, list[nn.Module], nn.Module, nn.Module]  # post_quant, stem, blocks, tail, out
+
+
+def _vqgan_encoder(cfg: CNNConfig, image_size: int, in_channels: int) -> EncoderParts:
+    """taming's Encoder: conv, levels (ResNet blocks, attention, stride-2 conv), middle block, norm-swish-conv."""
+    stem = nn.Conv2d(in_channels, cfg.ch, 3, padding=1)
+    levels, cin, res = [], cfg.ch, image_size
+    for i, mult in enumerate(cfg.ch_mult):
+        last = i == len(cfg.ch_mult) - 1
+        cout = cfg.ch * mult
+        levels.append(Level(cin, cout, cfg.num_res_blocks, res in cfg.attn_resolutions,
+                            nn.Identity() if last else Downsample(cout), cfg.dropout))
+        cin, res = cout, res if last else res // 2
+    blocks: list[nn.Module] = [*levels, Mid(cin, cfg.dropout)]  # before the tail: keeps the order of init draws
+    tail = nn.Sequential(_norm(cin), nn.SiLU(), nn.Conv2d(cin, cfg.z_channels, 3, padding=1))
+    return stem, blocks, tail, cfg.z_channels
+
+
+def _vqgan_decoder(cfg: CNNConfig, image_size: int, in_dim: int, out_channels: int) -> DecoderParts:
+    """taming's Decoder: conv, middle block, levels (one ResNet block more than the encoder's), norm-swish, conv."""
+    post_quant_conv = nn.Conv2d(in_dim, cfg.z_channels, 1)
+    cin = cfg.ch * cfg.ch_mult[-1]
+    res = image_size // cfg.downsample
+    stem = nn.Conv2d(cfg.z_channels, cin, 3, padding=1)
+    stages: list[nn.Module] = [Mid(cin, cfg.dropout)]
+    for i in reversed(range(len(cfg.ch_mult))):
+        cout = cfg.ch * cfg.ch_mult[i]
+        # taming's decoder levels have num_res_blocks + 1 ResNet blocks
+        stages.append(Level(cin, cout, cfg.num_res_blocks + 1, res in cfg.attn_resolutions,
+                            Upsample(cout) if i else nn.Identity(), cfg.dropout))
+        cin, res = cout, res * 2 if i else res
+    tail = nn.Sequential(_norm(cin), nn.SiLU())
+    return post_quant_conv, stem, stages, tail, nn.Conv2d(cin, out_channels, 3, padding=1)
+
+
+def _vqvae_encoder(cfg: CNNConfig, image_size: int, in_channels: int) -> EncoderParts:
+    """VQ-VAE section 4.1: two stride-2 4x4 convs and a 3x3 conv, then the residual stack."""
+    hid = cfg.hidden
+    stem = nn.Sequential(nn.Conv2d(in_channels, hid // 2, 4, stride=2, padding=1), nn.ReLU(),
+                         nn.Conv2d(hid // 2, hid, 4, stride=2, padding=1), nn.ReLU(),
+                         nn.Conv2d(hid, hid, 3, padding=1))
+    blocks: list[nn.Module] = [ResidualLayer(hid, cfg.res_hidden) for _ in range(cfg.num_res_layers)]
+    return stem, blocks, nn.ReLU(), hid  # the residual stack ends in a ReLU
+
+
+def _vqvae_decoder(cfg: CNNConfig, image_size: int, in_dim: int, out_channels: int) -> DecoderParts:
+    """The encoder mirrored: 3x3 conv, the residual stack, two stride-2 4x4 transposed convs."""
+    hid = cfg.hidden
+    post_quant_conv = nn.Conv2d(in_dim, hid, 1)
+    stem = nn.Conv2d(hid, hid, 3, padding=1)
+    blocks: list[nn.Module] = [ResidualLayer(hid, cfg.res_hidden) for _ in range(cfg.num_res_layers)]
+    tail = nn.Sequential(nn.ReLU(), nn.ConvTranspose2d(hid, hid // 2, 4, stride=2, padding=1), nn.ReLU())
+    return post_quant_conv, stem, blocks, tail, nn.ConvTranspose2d(hid // 2, out_channels, 4, stride=2, padding=1)
+
+
+class CNNKind(NamedTuple):
+    """One row of CNN_KINDS: the downsampling factor and the part builders of a kind."""
+    downsample: Callable[[CNNConfig], int]
+    encoder: Callable[[CNNConfig, int, int], EncoderParts]
+    decoder: Callable[[CNNConfig, int, int, int], DecoderParts]
+
+
+# The one table of CNN kinds: CNNConfig accepts exactly its keys, and the tokenizer's arch table takes them as arches.
+CNN_KINDS: dict[str, CNNKind] = {
+    "vqgan": CNNKind(lambda cfg: 2 ** (len(cfg.ch_mult) - 1), _vqgan_encoder, _vqgan_decoder),
+    "vqvae": CNNKind(lambda cfg: 4, _vqvae_encoder, _vqvae_decoder),
+}
+
+
+def _kind(cfg: CNNConfig) -> CNNKind:
+    """The table row of ``cfg.kind``; an unknown kind raises, naming the known ones."""
+    return lookup(CNN_KINDS, cfg.kind, "model.cnn.kind", "CNN kind")
+
+
+CNNConfig.PRESETS = {
+    # taming-transformers ImageNet f16 VQGAN (configs/imagenet_vqgan.yaml): 256px -> 16x16.
+    "vqgan-f16": CNNConfig(kind="vqgan", ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
+                           attn_resolutions=(16,), z_channels=256),
+    # VQ-VAE paper / Sonnet example: 128 hidden, 2 residual layers of 32 hidden, downsampling by 4.
+    "vqvae": CNNConfig(kind="vqvae", hidden=128, res_hidden=32, num_res_layers=2, z_channels=64),
+    "debug-vqgan": CNNConfig(kind="vqgan", ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,),
+                             z_channels=32),
+    "debug-vqvae": CNNConfig(kind="vqvae", hidden=32, res_hidden=8, num_res_layers=1, z_channels=16),
+}
+
+
+__all__ = ["CNNConfig", "CNNEncoder", "CNNDecoder", "CNN_KINDS", "CNNKind", "ResnetBlock", "AttnBlock"]

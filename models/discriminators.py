@@ -26,13 +26,14 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 
 from vitvq.configs import check
+from vitvq.configs.schema import lookup
 
 SQRT2 = math.sqrt(2.0)
 
 
 @dataclass
 class DiscConfig:
-    kind: Literal["stylegan2", "patchgan"] = "stylegan2"
+    kind: str = "stylegan2"
     """Architecture: StyleGAN2 residual discriminator (ViT-VQGAN) or taming's PatchGAN (VQGAN)."""
     channel_base: int = 32768
     """(stylegan2) Channels at resolution r are min(channel_base // r, channel_max) (StyleGAN2-ADA's cbase)."""
@@ -52,22 +53,15 @@ class DiscConfig:
     """(patchgan) Norm after the inner convs. "batch" is taming's; under data parallelism its statistics are
     per rank and per call (reals and fakes normalized separately), never synchronized; "group" avoids that."""
 
-    PRESETS: ClassVar[dict[str, "DiscConfig"]] = {}
+    PRESETS: ClassVar[dict[str, "DiscConfig"]] = {}  # filled in below DISCRIMINATORS, which __post_init__ reads
 
     def __post_init__(self) -> None:
+        lookup(DISCRIMINATORS, self.kind, "kind", "discriminator kind")  # the allowed kinds are the table's keys
         for name in ("channel_base", "channel_max", "mbstd_group_size", "mbstd_num_channels", "patchgan_layers",
                      "patchgan_ndf"):
             value = getattr(self, name)
             check(value > 0, name, value, "must be a positive integer")
         check(self.lr_multiplier > 0, "lr_multiplier", self.lr_multiplier, "must be positive")
-
-
-DiscConfig.PRESETS = {
-    "stylegan2": DiscConfig(kind="stylegan2"),
-    "patchgan": DiscConfig(kind="patchgan", patchgan_layers=3, patchgan_ndf=64, patchgan_norm="batch"),
-    "debug": DiscConfig(kind="stylegan2", channel_base=256, channel_max=32),
-    "debug-patchgan": DiscConfig(kind="patchgan", patchgan_layers=3, patchgan_ndf=8, patchgan_norm="group"),
-}
 
 
 # -- StyleGAN2 building blocks ----------------------------------------------------------------------
@@ -265,12 +259,25 @@ class PatchGANDiscriminator(nn.Module):
         return self.main(x)  # (B, 1, h, w)
 
 
+# The one table of discriminator kinds: DiscConfig accepts exactly its keys and build_discriminator reads it.
+DISCRIMINATORS: dict[str, type[nn.Module]] = {
+    "stylegan2": StyleGAN2Discriminator,
+    "patchgan": PatchGANDiscriminator,
+}
+
+DiscConfig.PRESETS = {
+    "stylegan2": DiscConfig(kind="stylegan2"),
+    "patchgan": DiscConfig(kind="patchgan", patchgan_layers=3, patchgan_ndf=64, patchgan_norm="batch"),
+    "debug": DiscConfig(kind="stylegan2", channel_base=256, channel_max=32),
+    "debug-patchgan": DiscConfig(kind="patchgan", patchgan_layers=3, patchgan_ndf=8, patchgan_norm="group"),
+}
+
+
 def build_discriminator(cfg: DiscConfig, image_size: int, in_channels: int = 3) -> nn.Module:
-    """The discriminator named by ``cfg.kind``; ``forward(x (B, C, H, W) in [-1, 1])`` returns logits."""
-    if cfg.kind == "stylegan2":
-        return StyleGAN2Discriminator(cfg, image_size, in_channels)
-    return PatchGANDiscriminator(cfg, image_size, in_channels)
+    """The discriminator named by ``cfg.kind``; ``forward(x (B, C, H, W) in [-1, 1])`` returns logits. An unknown
+    kind raises, naming the known ones."""
+    return lookup(DISCRIMINATORS, cfg.kind, "disc.kind", "discriminator kind")(cfg, image_size, in_channels)
 
 
-__all__ = ["DiscConfig", "build_discriminator", "StyleGAN2Discriminator", "PatchGANDiscriminator", "EqualConv2d",
-           "EqualLinear", "Blur", "MinibatchStd", "taming_weights_init"]
+__all__ = ["DiscConfig", "DISCRIMINATORS", "build_discriminator", "StyleGAN2Discriminator", "PatchGANDiscriminator",
+           "EqualConv2d", "EqualLinear", "Blur", "MinibatchStd", "taming_weights_init"]

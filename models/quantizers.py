@@ -24,11 +24,12 @@ from torch import Tensor, nn
 
 from vitvq.models.codebook import AllReduce, Codebook, RowWriter, code_stats, fp32_island, no_reduce
 from vitvq.configs import ConfigError, check
+from vitvq.configs.schema import lookup
 
 
 @dataclass
 class QuantizerConfig:
-    kind: Literal["vq", "ema", "gumbel", "residual"] = "vq"
+    kind: str = "vq"
     """vq: codebook learned by gradient; ema: by moving averages; gumbel: Gumbel-softmax; residual: RQ-VAE."""
     codebook_size: int = 8192
     """Number of codes K."""
@@ -79,6 +80,7 @@ class QuantizerConfig:
     """Optimizer steps of the code histogram behind codebook/usage, codebook/perplexity and codebook/dead_codes."""
 
     def __post_init__(self) -> None:
+        lookup(QUANTIZERS, self.kind, "kind", "quantizer kind")  # the allowed kinds are the table's keys
         check(self.codebook_size >= 2, "codebook_size", self.codebook_size, "use at least 2 codes")
         check(self.code_dim >= 1, "code_dim", self.code_dim, "must be a positive dimension")
         check(self.beta >= 0, "beta", self.beta, "commitment weight must be >= 0")
@@ -114,9 +116,9 @@ class QuantizerOutput:
     indices: Tensor
     """(B, h, w) long; (B, h, w, depth) for residual."""
     stats: dict[str, Tensor] = field(default_factory=dict)
-    """fp32 scalars: perplexity, usage (global over ranks in training mode); residual adds *_level{i}."""
+    """fp32 scalars: perplexity, usage (code_stats; global over ranks in training mode); residual adds *_level{i}."""
     counts: Optional[Tensor] = None
-    """(K,) fp32 code histogram of this batch (summed over ranks in training mode; residual: level 0)."""
+    """(K,) fp32 code histogram of this batch (summed over ranks in training mode); residual: (depth, K)."""
 
 
 class Quantizer(nn.Module):
@@ -345,11 +347,11 @@ class ResidualQuantizer(Quantizer):
             counts = list(self.levels[0].observe(seen))  # vectors (the encoder's), the first group
         else:
             counts = [self.levels[i].observe([seen[i]])[0] for i in range(depth)]
-        per_level = [code_stats(c) for c in counts]
-        stats = {key: torch.stack([s[key] for s in per_level]).mean() for key in ("perplexity", "usage")}
-        for i, s in enumerate(per_level):
-            stats.update({f"{key}_level{i}": v for key, v in s.items()})
-        return QuantizerOutput(quantized.to(z.dtype), loss, indices, stats, counts[0])
+        counts = torch.stack(list(counts))  # (depth, K)
+        stats = code_stats(counts)  # the mean over levels (code_stats' definition)
+        for i, c in enumerate(counts):
+            stats.update({f"{key}_level{i}": v for key, v in code_stats(c).items()})
+        return QuantizerOutput(quantized.to(z.dtype), loss, indices, stats, counts)
 
     @torch.no_grad()
     def _init_from(self, x: Tensor, seed: int) -> None:
@@ -376,14 +378,20 @@ def _make_codebook(cfg: QuantizerConfig, ema: bool) -> Codebook:
                     restart_every=cfg.restart_every, window_uses=cfg.restart_window_uses)
 
 
+# The one table of quantizer kinds: QuantizerConfig accepts exactly its keys and build_quantizer reads it, so a
+# new kind is one line here (issue 19). vq and ema share a class; cfg.kind picks the codebook's update rule.
+QUANTIZERS: dict[str, type[Quantizer]] = {
+    "vq": VectorQuantizer,
+    "ema": VectorQuantizer,
+    "gumbel": GumbelQuantizer,
+    "residual": ResidualQuantizer,
+}
+
+
 def build_quantizer(cfg: QuantizerConfig, dim: int) -> Quantizer:
-    """The quantizer for encoder features of width ``dim``."""
-    if cfg.kind in ("vq", "ema"):
-        return VectorQuantizer(cfg, dim)
-    if cfg.kind == "gumbel":
-        return GumbelQuantizer(cfg, dim)
-    return ResidualQuantizer(cfg, dim)
+    """The quantizer for encoder features of width ``dim``; an unknown kind raises, naming the known ones."""
+    return lookup(QUANTIZERS, cfg.kind, "model.quantizer.kind", "quantizer kind")(cfg, dim)
 
 
 __all__ = ["QuantizerConfig", "QuantizerOutput", "Quantizer", "VectorQuantizer", "GumbelQuantizer",
-           "ResidualQuantizer", "build_quantizer"]
+           "ResidualQuantizer", "QUANTIZERS", "build_quantizer"]

@@ -22,10 +22,12 @@ import torch
 import torch.nn as nn
 
 from vitvq.configs import check, from_dict
-from vitvq.models.cnn import CNNConfig, CNNDecoder, CNNEncoder
+from vitvq.configs.schema import lookup
+from vitvq.models.cnn import CNN_KINDS, CNNConfig, CNNDecoder, CNNEncoder
 from vitvq.models.export import read_export, write_export
 from vitvq.models.logit_laplace import decoder_output_to_image
 from vitvq.models.quantizers import QuantizerConfig, QuantizerOutput, build_quantizer
+from vitvq.models.tokens import TokenFacts
 from vitvq.models.vit import ViTConfig, ViTDecoder, ViTEncoder
 
 EXPORT_FORMAT = "vitvq-tokenizer/1"
@@ -33,7 +35,7 @@ EXPORT_FORMAT = "vitvq-tokenizer/1"
 
 @dataclass
 class TokenizerConfig:
-    arch: Literal["vit", "vqgan", "vqvae"] = "vit"
+    arch: str = "vit"
     """Backbone family: ViT-VQGAN transformers, taming's VQGAN CNN, or the VQ-VAE conv net."""
     image_size: int = 256
     """Input resolution (square); must be divisible by the patch size / total downsampling."""
@@ -55,6 +57,7 @@ class TokenizerConfig:
     PRESETS: ClassVar[dict[str, "TokenizerConfig"]] = {}
 
     def __post_init__(self) -> None:
+        lookup(BACKBONES, self.arch, "arch", "backbone arch")  # the allowed arches are the table's keys
         check(self.image_size > 0, "image_size", self.image_size, "must be a positive number of pixels")
         check(self.in_channels > 0, "in_channels", self.in_channels, "must be positive")
         check(self.latent_dim is None or self.latent_dim > 0, "latent_dim", self.latent_dim,
@@ -81,6 +84,55 @@ class TokenizerConfig:
     @property
     def out_channels(self) -> int:
         return self.in_channels * (2 if self.output == "logit_laplace" else 1)
+
+    # -- what a token is (models/tokens.py): every layer above asks these instead of reading the quantizer ------
+    @property
+    def vocab_size(self) -> int:
+        """Values one code takes: the codebook size (per level for a residual quantizer)."""
+        return self.quantizer.codebook_size
+
+    @property
+    def codes_per_position(self) -> int:
+        """Codes at each grid position: 1, or the residual levels (indices then end in a depth axis)."""
+        return self.quantizer.residual_depth if self.quantizer.kind == "residual" else 1
+
+    @property
+    def downsample(self) -> int:
+        """Pixels per code along a side: the ViT patch size, or the CNN's total downsampling factor."""
+        return self.encoder.patch_size if self.arch == "vit" else self.cnn.downsample
+
+    def token_grid(self, image_size: Optional[int] = None) -> int:
+        """Side of the code grid for images of ``image_size`` px (default: the configured ``image_size``)."""
+        size = self.image_size if image_size is None else image_size
+        check(size > 0 and size % self.downsample == 0, "image_size", size,
+              f"must be a positive multiple of {self.downsample}: the {self.arch} tokenizer makes one code per "
+              f"{self.downsample}x{self.downsample} px")
+        return size // self.downsample
+
+    def token_facts(self, image_size: Optional[int] = None) -> TokenFacts:
+        """Vocabulary, codes per position and grid at ``image_size`` (default: the configured one)."""
+        size = self.image_size if image_size is None else image_size
+        return TokenFacts(self.vocab_size, self.codes_per_position, self.token_grid(size), size)
+
+
+def _vit_backbone(cfg: TokenizerConfig) -> tuple[nn.Module, nn.Module]:
+    """ViT-VQGAN's transformer encoder and decoder."""
+    return (ViTEncoder(cfg.encoder, cfg.image_size, cfg.in_channels, cfg.dim),
+            ViTDecoder(cfg.decoder, cfg.image_size, cfg.dim, cfg.out_channels))
+
+
+def _cnn_backbone(cfg: TokenizerConfig) -> tuple[nn.Module, nn.Module]:
+    """The conv encoder and decoder of ``cfg.cnn``, whose kind ``__post_init__`` has tied to the arch."""
+    return (CNNEncoder(cfg.cnn, cfg.image_size, cfg.in_channels, cfg.dim),
+            CNNDecoder(cfg.cnn, cfg.image_size, cfg.dim, cfg.out_channels))
+
+
+# The one table of backbone arches: TokenizerConfig accepts exactly its keys and Tokenizer builds from it. Each CNN
+# kind is the arch of its own name (cnn.kind must equal arch), so a new row of CNN_KINDS needs no line here.
+BACKBONES: dict[str, Callable[[TokenizerConfig], tuple[nn.Module, nn.Module]]] = {
+    "vit": _vit_backbone,
+    **dict.fromkeys(CNN_KINDS, _cnn_backbone),
+}
 
 
 def _presets() -> dict[str, TokenizerConfig]:
@@ -115,14 +167,10 @@ class Tokenizer(nn.Module):
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
         self.cfg = cfg
-        dim = cfg.dim
-        if cfg.arch == "vit":
-            self.encoder: nn.Module = ViTEncoder(cfg.encoder, cfg.image_size, cfg.in_channels, dim)
-            self.decoder: nn.Module = ViTDecoder(cfg.decoder, cfg.image_size, dim, cfg.out_channels)
-        else:
-            self.encoder = CNNEncoder(cfg.cnn, cfg.image_size, cfg.in_channels, dim)
-            self.decoder = CNNDecoder(cfg.cnn, cfg.image_size, dim, cfg.out_channels)
-        self.quantizer = build_quantizer(cfg.quantizer, dim)
+        encoder, decoder = lookup(BACKBONES, cfg.arch, "model.arch", "backbone arch")(cfg)
+        self.encoder: nn.Module = encoder
+        self.decoder: nn.Module = decoder
+        self.quantizer = build_quantizer(cfg.quantizer, cfg.dim)
 
     # -- the generator step -------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]:
@@ -153,6 +201,21 @@ class Tokenizer(nn.Module):
     def last_layer(self) -> nn.Parameter:
         """Weight of the decoder's final layer, for taming's adaptive GAN weight."""
         return self.decoder.last_layer
+
+    # -- what a token is: the config's facts -----------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.vocab_size
+
+    @property
+    def codes_per_position(self) -> int:
+        return self.cfg.codes_per_position
+
+    def token_grid(self, image_size: Optional[int] = None) -> int:
+        return self.cfg.token_grid(image_size)
+
+    def token_facts(self, image_size: Optional[int] = None) -> TokenFacts:
+        return self.cfg.token_facts(image_size)
 
     def lookup_vectors(self, x: torch.Tensor) -> torch.Tensor:
         """(B*h*w, code_dim) fp32 vectors the codebook search sees for images x (k-means initialisation)."""
