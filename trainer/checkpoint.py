@@ -32,6 +32,57 @@ import torch
 from vitvq.trainer.engine import (DistInfo, all_gather_object, barrier, broadcast_object, convert_to_universal, load_engine,
                                   save_engine)
 
+
+# -- the layout on disk: every name of it is spelled here and only here -----------------------------------
+def tag_of(step: int) -> str:
+    """The step folder's name (its tag): ``step_00001000``. Zero-padded to 8 digits for people listing the folder;
+    code orders folders by :func:`step_of`, never by name (``step_100000000`` sorts before ``step_99999999``)."""
+    if step < 0:
+        raise ValueError(f"a checkpoint step is >= 0, got {step}")
+    return f"step_{step:08d}"
+
+
+def step_of(tag: str) -> int:
+    """The step of a step folder's name, the inverse of :func:`tag_of`; ValueError for any other name (``latest``,
+    ``step_8``, ``step_00000008.old``), so that nothing but a step folder is ever ordered or deleted as one."""
+    digits = tag.removeprefix("step_")
+    if digits.isascii() and digits.isdigit() and tag == tag_of(int(digits)):
+        return int(digits)
+    raise ValueError(f"{tag!r} is not a checkpoint step folder name (like {tag_of(1000)!r})")
+
+
+def is_tag(name: str) -> bool:
+    """Whether ``name`` is a step folder's name (see :func:`step_of`)."""
+    try:
+        step_of(name)
+    except ValueError:
+        return False
+    return True
+
+
+def step_folders(root: Path) -> list[Path]:
+    """The step folders in ``root`` (complete or not), oldest first by step number; other entries are ignored."""
+    if not root.is_dir():
+        return []
+    folders = [p for p in root.iterdir() if p.is_dir() and is_tag(p.name)]
+    return sorted(folders, key=lambda p: step_of(p.name))
+
+
+def rank_file(folder: Path, rank: int) -> Path:
+    """Rank ``rank``'s own state in step folder ``folder``: ``rank_00000.pt``."""
+    return folder / f"rank_{rank:05d}.pt"
+
+
+def meta_file(folder: Path) -> Path:
+    """The file that makes step folder ``folder`` complete, written last: ``meta.json``."""
+    return folder / "meta.json"
+
+
+def latest_file(root: Path) -> Path:
+    """The pointer in checkpoints folder ``root`` to the newest complete checkpoint (it holds that tag)."""
+    return root / "latest"
+
+
 FAULT_ENV = "VITVQ_INJECT_FAULT"
 """Test hook: ``save@STEP`` fails in the middle of that save (this rank's engine files written, its rank file not);
 ``step@STEP`` after that step. Options after commas: ``rank=R`` fires on that rank only (``RANK``); ``kill``
@@ -146,43 +197,43 @@ class CheckpointManager:
                 self.prune_partial()
 
     def prune_partial(self) -> list[Path]:
-        """Delete the ``step_*`` folders that have no ``meta.json`` (saves that crashed before completing; never
-        named by ``latest``); returns them."""
-        partial = [p for p in sorted(self.root.glob("step_*")) if p.is_dir() and not (p / "meta.json").is_file()]
+        """Delete the step folders that have no ``meta.json`` (saves that crashed before completing; never named
+        by ``latest``); returns them, oldest first."""
+        partial = [p for p in step_folders(self.root) if not meta_file(p).is_file()]
         for p in partial:
             shutil.rmtree(p, ignore_errors=True)
         return partial
 
     @staticmethod
     def tag(step: int) -> str:
-        return f"step_{step:08d}"
+        return tag_of(step)
 
     def latest(self) -> Optional[tuple[str, dict[str, Any]]]:
         """(tag, meta) of the newest complete checkpoint, or None for a fresh run."""
-        pointer = self.root / "latest"
+        pointer = latest_file(self.root)
         if not pointer.is_file():
             return None
         tag = pointer.read_text().strip()
-        meta_file = self.root / tag / "meta.json"
-        if not meta_file.is_file():
-            raise RuntimeError(f"{pointer} names {tag}, which has no meta.json: the checkpoint folder was altered "
-                               f"by hand; point {pointer} at a complete step_* folder or delete it to start over")
-        return tag, json.loads(meta_file.read_text())
+        meta = meta_file(self.root / tag)
+        if not meta.is_file():
+            raise RuntimeError(f"{pointer} names {tag}, which has no {meta.name}: the checkpoint folder was altered "
+                               f"by hand; point {pointer} at a complete step folder or delete it to start over")
+        return tag, json.loads(meta.read_text())
 
     def complete(self, tag: Optional[str] = None) -> tuple[str, dict[str, Any]]:
         """(tag, meta) of checkpoint ``tag``, or of the latest when None; refuses one that is missing or partial."""
         if tag is None:
             found = self.latest()
             if found is None:
-                raise FileNotFoundError(f"no complete checkpoint in {self.root} (no 'latest' file): train first, "
-                                        f"or name a checkpoint folder")
+                raise FileNotFoundError(f"no complete checkpoint in {self.root} (no {latest_file(self.root).name}): "
+                                        f"train first, or name a checkpoint folder")
             return found
-        meta_file = self.root / tag / "meta.json"
-        if not meta_file.is_file():
-            done = sorted(p.name for p in self.root.glob("step_*") if (p / "meta.json").is_file())
-            raise FileNotFoundError(f"{self.root / tag} is not a complete checkpoint (no meta.json); complete ones: "
+        meta = meta_file(self.root / tag)
+        if not meta.is_file():
+            done = [p.name for p in step_folders(self.root) if meta_file(p).is_file()]
+            raise FileNotFoundError(f"{self.root / tag} is not a complete checkpoint (no {meta.name}); complete ones: "
                                     f"{done or 'none'}")
-        return tag, json.loads(meta_file.read_text())
+        return tag, json.loads(meta.read_text())
 
     def save(self, step: int, engines: dict[str, Any], client_state: dict[str, Any], rank_state: dict[str, Any],
              meta: dict[str, Any]) -> Path:
@@ -196,24 +247,25 @@ class CheckpointManager:
         for name, engine in engines.items():
             save_engine(engine, folder, name, client_state)
         maybe_fault("save", step)
-        tmp = folder / f"rank_{self.dist.rank:05d}.pt.tmp"
+        mine = rank_file(folder, self.dist.rank)
+        tmp = mine.with_name(mine.name + ".tmp")
         torch.save({**rank_state, "rng": rng_state()}, tmp)
-        os.replace(tmp, folder / f"rank_{self.dist.rank:05d}.pt")
+        os.replace(tmp, mine)
         fsync_tree(folder, newer_than=started)  # what this rank wrote is on disk before it says so
         barrier()  # every rank has written and synced everything
         if self.dist.is_main:
-            atomic_write_text(folder / "meta.json", json.dumps({**meta, "step": step, "tag": tag,
-                                                                 "world_size": self.dist.world_size}, indent=1))
-            atomic_write_text(self.root / "latest", tag)
+            atomic_write_text(meta_file(folder), json.dumps({**meta, "step": step, "tag": tag,
+                                                             "world_size": self.dist.world_size}, indent=1))
+            atomic_write_text(latest_file(self.root), tag)
             self._prune(keep=tag)
         barrier()
         return folder
 
     def _prune(self, keep: str) -> None:
         """Complete checkpoints beyond ``keep_last``, and partial folders older than ``keep`` (crashed saves)."""
-        folders = sorted(p for p in self.root.glob("step_*") if p.is_dir())
-        done = [p for p in folders if (p / "meta.json").is_file()]
-        stale = [p for p in folders if p.name < keep and not (p / "meta.json").is_file()]
+        folders = step_folders(self.root)  # oldest first, by step number
+        done = [p for p in folders if meta_file(p).is_file()]
+        stale = [p for p in folders if step_of(p.name) < step_of(keep) and not meta_file(p).is_file()]
         for old in done[:-self.keep_last] + stale:
             if old.name != keep:
                 shutil.rmtree(old, ignore_errors=True)
@@ -234,8 +286,8 @@ class CheckpointManager:
         for name, engine in engines.items():
             state = load_engine(engine, self.root / tag, engine_tags[name])
             client_state = client_state or state
-        rank_file = self.root / tag / f"rank_{self.dist.rank:05d}.pt"
-        rank_state = torch.load(rank_file, weights_only=False) if rank_file.is_file() else None
+        mine = rank_file(self.root / tag, self.dist.rank)
+        rank_state = torch.load(mine, weights_only=False) if mine.is_file() else None
         return client_state, rank_state
 
     def data_state(self, tag: str, world_size: int) -> dict[str, Any]:
@@ -247,7 +299,7 @@ class CheckpointManager:
         """
         state, error = None, None
         if self.dist.is_main:
-            files = [self.root / tag / f"rank_{r:05d}.pt" for r in range(world_size)]
+            files = [rank_file(self.root / tag, r) for r in range(world_size)]
             missing = [f.name for f in files if not f.is_file()]
             states = [] if missing else [torch.load(f, weights_only=False)["data"] for f in files]
             positions = sorted({s.get("batches") for s in states})
@@ -261,5 +313,5 @@ class CheckpointManager:
                     state["skipped"] = sum(s["skipped"] for s in states)
         state, error = broadcast_object((state, error))  # every rank raises together, none waits forever
         if error:
-            raise RuntimeError(f"{error}; point {self.root / 'latest'} at an older complete checkpoint")
+            raise RuntimeError(f"{error}; point {latest_file(self.root)} at an older complete checkpoint")
         return state

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from vitvq.configs import from_dict
-from vitvq.trainer.checkpoint import CheckpointManager
+from vitvq.trainer.checkpoint import CheckpointManager, meta_file
 from vitvq.trainer.engine import engine_fp32_state
 from vitvq.trainer.task import stage_classes
 
@@ -25,14 +25,15 @@ def export_checkpoint(run_dir: str | Path, dest: str | Path, tag: Optional[str] 
     """Write ``dest`` from checkpoint ``tag`` (default: the latest complete one) of the run in ``run_dir``."""
     ckpt = CheckpointManager(run_dir)
     tag, meta = ckpt.complete(tag)
+    folder = ckpt.root / tag
     if "config" not in meta or "stage" not in meta:
-        raise RuntimeError(f"{ckpt.root / tag} was written by an older vitvq whose meta.json has no config; "
+        raise RuntimeError(f"{folder} was written by an older vitvq: its {meta_file(folder).name} has no config; "
                            f"export it with that version, or resume it once with this one and export the new checkpoint")
     cfg_cls, task_cls = stage_classes(meta["stage"])
     cfg = from_dict(cfg_cls, meta["config"])
-    state = engine_fp32_state(ckpt.root / tag, task_cls.export_engine, meta["zero_stage"])
+    state = engine_fp32_state(folder, task_cls.export_engine, meta["zero_stage"])
     extra = {"step": meta["step"], "mlflow_run_id": meta.get("mlflow_run_id"), "config_hash": meta.get("config_hash"),
-             "recipe": meta.get("recipe"), "stage": meta["stage"], "checkpoint": str(ckpt.root / tag)}
+             "recipe": meta.get("recipe"), "stage": meta["stage"], "checkpoint": str(folder)}
     return task_cls.write_export(cfg, state, Path(dest), extra)
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from vitvq.trainer.checkpoint import meta_file, tag_of
+
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = str(ROOT / "configs/stage1/debug.yaml")
 # The debug recipe's dead-code restarts stay on (every 2 steps): a stop at an odd step resumes inside a restart
@@ -240,8 +242,8 @@ def test_sigterm_to_a_ray_worker_saves_the_step_and_the_run_resumes_it(cluster, 
     stopped = re.search(r"preempted: stopped by (SIGTERM|another rank's signal) after step (\d+) and saved", text)
     assert stopped, text[-8000:]
     step = int(stopped[2])
-    assert 2 <= step < 8 and (out / "checkpoints" / f"step_{step:08d}" / "meta.json").is_file()
-    assert f"resuming from step_{step:08d}" in text  # not from an older periodic checkpoint: no step lost
+    assert 2 <= step < 8 and meta_file(out / "checkpoints" / tag_of(step)).is_file()
+    assert f"resuming from {tag_of(step)}" in text  # not from an older periodic checkpoint: no step lost
     assert "WorkerStopped" in text
     got, want = losses(out), losses(ref)
     assert sorted(got) == list(range(1, 9)) and got == want

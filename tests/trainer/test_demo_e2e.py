@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from vitvq.models.tokenizer import Tokenizer
+from vitvq.trainer.checkpoint import tag_of
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_METRICS = ("train/total_loss", "train/rec_loss", "train/perceptual_loss", "train/quant_loss", "train/g_loss",
@@ -95,7 +96,7 @@ def test_demo_run_records_everything_in_mlflow(demo_run) -> None:
     # Any checkpoint exports through the command too; the step is recorded in the file.
     mid = out / "tok_step3.pt"
     res = subprocess.run([sys.executable, str(ROOT / "launch/export_tokenizer.py"), "--run-dir", str(out),
-                          "--tag", "step_00000003", "--out", str(mid)], env=env, capture_output=True, text=True,
+                          "--tag", tag_of(3), "--out", str(mid)], env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     early = torch.load(mid, weights_only=False)

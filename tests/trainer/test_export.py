@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from vitvq.models.tokenizer import Tokenizer
+from vitvq.trainer.checkpoint import tag_of
 from vitvq.trainer.export import export_checkpoint
 
 WORKER = Path(__file__).with_name("export_worker.py")
@@ -48,8 +49,8 @@ def test_export_equals_the_fp32_masters(runs: Path, tmp_path: Path, spec: str) -
 def test_export_reads_the_checkpoints_own_config_and_refuses_a_partial_one(runs: Path, tmp_path: Path) -> None:
     run = runs / "zero2_fp32"
     (run / "config.json").write_text(json.dumps({"model.encoder.width": 999}))  # a later run's config: ignored
-    assert Tokenizer.load_export(export_checkpoint(run, tmp_path / "a.pt", "step_00000002")).cfg.encoder.width == 64
-    partial = run / "checkpoints" / "step_00000009"
+    assert Tokenizer.load_export(export_checkpoint(run, tmp_path / "a.pt", tag_of(2))).cfg.encoder.width == 64
+    partial = run / "checkpoints" / tag_of(9)
     partial.mkdir()
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
-        export_checkpoint(run, tmp_path / "b.pt", "step_00000009")
+        export_checkpoint(run, tmp_path / "b.pt", tag_of(9))

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from vitvq.trainer.checkpoint import latest_file, meta_file, step_of, tag_of
+
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / "launch" / "train_stage1.py"
 STEPS = 40
@@ -52,8 +54,8 @@ def test_sigterm_saves_the_step_and_the_same_command_finishes_like_an_uninterrup
     _, err = proc.communicate(timeout=300)
     assert proc.returncode != 0
     assert "preempted: stopped by SIGTERM after step" in err, err[-4000:]
-    latest = (out / "checkpoints" / "latest").read_text().strip()
-    stopped = int(latest.split("_")[1])
+    latest = latest_file(out / "checkpoints").read_text().strip()
+    stopped = step_of(latest)
     assert 3 <= stopped < STEPS, f"saved {latest}"
     client = mlflow_client(env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("vitvq-stage1")
@@ -62,7 +64,7 @@ def test_sigterm_saves_the_step_and_the_same_command_finishes_like_an_uninterrup
 
     res = subprocess.run(command(out), env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
-    assert json.loads((out / "checkpoints" / f"step_{STEPS:08d}" / "meta.json").read_text())["step"] == STEPS
+    assert json.loads(meta_file(out / "checkpoints" / tag_of(STEPS)).read_text())["step"] == STEPS
     a = torch.load(out / "tokenizer.pt", weights_only=False)["state_dict"]
     b = torch.load(straight / "tokenizer.pt", weights_only=False)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in b), "weights after preemption + rerun differ from the uninterrupted run"

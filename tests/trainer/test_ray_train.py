@@ -23,6 +23,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from vitvq.trainer.checkpoint import latest_file, meta_file, step_folders, tag_of
+
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = str(ROOT / "configs/stage1/debug.yaml")
 COMMON = ("train.progress=false", "train.val_every=0", "train.image_every=100", "data.mode=epoch",
@@ -137,14 +139,14 @@ def test_an_elastic_range_that_cannot_keep_the_global_batch_is_refused_before_st
 def test_pointers_that_ray_does_not_keep_are_deleted(tmp_path: Path) -> None:
     from vitvq.trainer.ray_train import POINTER_FILE, parse_workers, prune_pointers
     assert parse_workers("4") == 4 and parse_workers("2-8") == (2, 8)
-    for tag in ("step_00000004", "step_00000008", "step_00000012"):
+    for tag in map(tag_of, (4, 8, 12)):
         (tmp_path / tag).mkdir()
         (tmp_path / tag / POINTER_FILE).write_text(json.dumps({"tag": tag}))
     (tmp_path / "checkpoint_manager_snapshot.json").write_text("{}")
-    kept = SimpleNamespace(path=str(tmp_path / "step_00000012"))
+    kept = SimpleNamespace(path=str(tmp_path / tag_of(12)))
     result = SimpleNamespace(path=str(tmp_path), best_checkpoints=[(kept, {})], checkpoint=kept)
-    assert sorted(p.name for p in prune_pointers(result)) == ["step_00000004", "step_00000008"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_manager_snapshot.json", "step_00000012"]
+    assert sorted(p.name for p in prune_pointers(result)) == [tag_of(4), tag_of(8)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_manager_snapshot.json", tag_of(12)]
 
 
 def test_the_stage_comes_from_the_recipe_folder_or_the_one_schema_that_loads_it(tmp_path: Path) -> None:
@@ -164,11 +166,12 @@ def test_two_ray_workers_log_the_losses_of_the_same_run_under_torchrun(torchrun_
     assert "trained 8 steps" in ray_straight.res.stdout  # the summary of the plain launchers, on the driver
     # One source of truth, one retention: our latest is step 8, Ray's only pointer names it (keep_last=1).
     ckpts = ray_straight.out / "checkpoints"
-    assert (ckpts / "latest").read_text().strip() == "step_00000008"
-    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000008"]
-    pointers = sorted((ray_straight.out / "ray" / "debug").glob("step_*/vitvq_checkpoint.json"))
-    assert [p.parent.name for p in pointers] == ["step_00000008"]
-    assert json.loads(pointers[0].read_text())["tag"] == "step_00000008"
+    assert latest_file(ckpts).read_text().strip() == tag_of(8)
+    assert [p.name for p in step_folders(ckpts)] == [tag_of(8)]
+    pointers = [p / "vitvq_checkpoint.json" for p in step_folders(ray_straight.out / "ray" / "debug")
+                if (p / "vitvq_checkpoint.json").is_file()]
+    assert [p.parent.name for p in pointers] == [tag_of(8)]
+    assert json.loads(pointers[0].read_text())["tag"] == tag_of(8)
     client, mlrun = the_run(ray_straight.env)
     assert mlrun.info.status == "FINISHED"
     assert history(client, mlrun, "sys/world_size") == [(0, 2.0)]
@@ -182,7 +185,7 @@ def test_a_worker_crash_restarts_from_the_checkpoint_in_one_mlflow_run(cluster, 
     res = run(ray_cmd(cluster[0].address, out, "2", "--max-failures", "1"), env)
     log = res.stdout + res.stderr
     assert marker.exists() and "injected fault step@6" in log  # it did die after step 6, once
-    assert "resuming from step_00000004" in log  # the step-4 checkpoint; steps 5-6 are redone
+    assert f"resuming from {tag_of(4)}" in log  # the step-4 checkpoint; steps 5-6 are redone
     want, got = losses(ray_straight.out), losses(out)
     assert sorted(got) == list(range(1, 9))
     for step in range(1, 9):
@@ -201,17 +204,17 @@ def test_a_lost_node_continues_on_one_worker_with_the_same_global_batch(cluster,
     log_file = tmp_path / "log"
     with open(log_file, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-        latest = out / "checkpoints" / "latest"
+        latest = latest_file(out / "checkpoints")
         deadline = time.time() + 300
-        while not (latest.is_file() and latest.read_text().strip() == "step_00000004"):  # 2 workers reached step 4
+        while not (latest.is_file() and latest.read_text().strip() == tag_of(4)):  # 2 workers reached step 4
             assert proc.poll() is None and time.time() < deadline, log_file.read_text()[-6000:]
             time.sleep(0.05)
         c.remove_node(nodes[1], allow_graceful=False)  # from the main thread, as Cluster requires
-        assert json.loads((out / "checkpoints" / "step_00000004" / "meta.json").read_text())["world_size"] == 2
+        assert json.loads(meta_file(out / "checkpoints" / tag_of(4)).read_text())["world_size"] == 2
         rc = proc.wait(timeout=400)
     text = log_file.read_text()
     assert rc == 0, text[-8000:]
-    meta = json.loads((out / "checkpoints" / latest.read_text().strip() / "meta.json").read_text())
+    meta = json.loads(meta_file(out / "checkpoints" / latest.read_text().strip()).read_text())
     assert meta["step"] == 12 and meta["world_size"] == 1
     assert "gradient accumulation is now 2" in text  # global batch 4 = micro 2 x 1 worker x 2
     got = losses(out)

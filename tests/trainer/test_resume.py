@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from vitvq.trainer.checkpoint import latest_file, meta_file, rank_file, tag_of
+
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / "launch" / "train_stage1.py"
 LOSSES = ("train/total_loss", "train/rec_loss", "train/g_loss", "train/disc_loss", "train/quant_loss")
@@ -46,7 +48,7 @@ def losses(out: Path) -> dict[int, dict[str, float]]:
 
 
 def latest(out: Path) -> str:
-    return (out / "checkpoints" / "latest").read_text().strip()
+    return latest_file(out / "checkpoints").read_text().strip()
 
 
 @pytest.fixture(scope="module")
@@ -69,17 +71,17 @@ def test_stop_resume_and_crash_during_save_give_the_uninterrupted_losses(straigh
     # 1. Dies after step 6: the step-4 checkpoint is the latest; steps 5-6 are lost and must be redone.
     res = launch(out, torchrun_env, 2, fault="step@6", check=False)
     assert res.returncode != 0 and "injected fault step@6" in res.stderr
-    assert latest(out) == "step_00000004"
+    assert latest(out) == tag_of(4)
     # 2. Resumes at 4, then dies in the middle of writing the step-8 checkpoint (engines written, rank files not).
     res = launch(out, torchrun_env, 2, fault="save@8", check=False)
     assert res.returncode != 0 and "injected fault save@8" in res.stderr
-    assert latest(out) == "step_00000004", "a half-written checkpoint became the latest"
-    assert not (out / "checkpoints" / "step_00000008" / "meta.json").exists()
+    assert latest(out) == tag_of(4), "a half-written checkpoint became the latest"
+    assert not meta_file(out / "checkpoints" / tag_of(8)).exists()
     # 3. Resumes at 4 again and finishes; a partial folder a crashed save of another step left is pruned.
-    partial = out / "checkpoints" / "step_00000003"
+    partial = out / "checkpoints" / tag_of(3)
     (partial / "generator").mkdir(parents=True)
     launch(out, torchrun_env, 2)
-    assert latest(out) == "step_00000008"
+    assert latest(out) == tag_of(8)
     assert not partial.exists(), "a partial checkpoint folder (no meta.json) was not pruned"
     got = losses(out)
     for step in range(1, 9):
@@ -101,8 +103,8 @@ def test_two_rank_checkpoint_resumes_on_one_rank(straight: Path, tmp_path: Path,
     assert "written by 2 ranks" in refused.stderr and "train.on_world_size_change=convert" in refused.stderr
     res = launch(out, torchrun_env, 1, "train.steps=10")
     assert "gradient accumulation is now 2" in res.stdout + res.stderr  # global batch 4 = 2 x 1 rank x 2
-    assert (out / "checkpoints" / "step_00000008" / "generator_universal").is_dir()
-    meta = json.loads((out / "checkpoints" / latest(out) / "meta.json").read_text())
+    assert (out / "checkpoints" / tag_of(8) / "generator_universal").is_dir()
+    meta = json.loads(meta_file(out / "checkpoints" / latest(out)).read_text())
     assert meta["step"] == 10 and meta["world_size"] == 1
     got = losses(out)
     assert all(got[s] == losses(straight)[s] for s in range(1, 9))  # history kept
@@ -115,7 +117,7 @@ def test_a_resumed_run_does_not_initialise_the_codebook_again(tmp_path: Path, to
     assert res.returncode != 0 and "codebook initialised by k-means on 256 lookup vectors" in res.stdout
     res = launch(out, torchrun_env, 1, *km)  # resumes at step 4: the initialised codebook is in the checkpoint
     assert "codebook initialised" not in res.stdout
-    assert json.loads((out / "checkpoints" / latest(out) / "meta.json").read_text())["step"] == 8
+    assert json.loads(meta_file(out / "checkpoints" / latest(out)).read_text())["step"] == 8
 
 
 def test_a_resume_between_two_codebook_restarts_restarts_the_same_codes(straight: Path, tmp_path: Path,
@@ -125,8 +127,8 @@ def test_a_resume_between_two_codebook_restarts_restarts_the_same_codes(straight
     rank's file), or the restarts at step 4 differ (or do not happen) and so does everything after."""
     out = tmp_path / "odd"
     res = launch(out, torchrun_env, 2, "train.ckpt_every=3", fault="step@5", check=False)
-    assert res.returncode != 0 and latest(out) == "step_00000003"
-    pools = torch.load(out / "checkpoints" / "step_00000003" / "rank_00001.pt", weights_only=False)["task"]
+    assert res.returncode != 0 and latest(out) == tag_of(3)
+    pools = torch.load(rank_file(out / "checkpoints" / tag_of(3), 1), weights_only=False)["task"]
     assert pools["restart_pools"][0] is not None  # rank 1's own vectors since the check at step 2
     launch(out, torchrun_env, 2, "train.ckpt_every=3")
     got, want = losses(out), losses(straight)

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vitvq.trainer.checkpoint import CheckpointManager
+from vitvq.trainer.checkpoint import CheckpointManager, latest_file, meta_file, rank_file, step_folders, tag_of
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / "launch" / "train_stage1.py"
@@ -58,7 +58,7 @@ def losses(out: Path) -> dict[int, dict[str, float]]:
 
 
 def latest(out: Path) -> str | None:
-    pointer = out / "checkpoints" / "latest"
+    pointer = latest_file(out / "checkpoints")
     return pointer.read_text().strip() if pointer.is_file() else None
 
 
@@ -71,7 +71,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, make_launch_env) -> dict:
 def slowed(tmp_path_factory: pytest.TempPathFactory, env: dict) -> tuple[Path, list[dict]]:
     """A run whose rank 1 stalls in the middle of the step-8 save, watched every 50 ms while it runs."""
     out = tmp_path_factory.mktemp("slowed")
-    ckpt = out / "checkpoints" / "step_00000008"
+    ckpt = out / "checkpoints" / tag_of(8)
     proc = subprocess.Popen(command(out), env=environment(env, f"save@8,rank=1,sleep={SLEEP_S}"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen: list[dict] = []
@@ -81,8 +81,8 @@ def slowed(tmp_path_factory: pytest.TempPathFactory, env: dict) -> tuple[Path, l
             pointer = latest(out)  # read first: a file seen below existed no later than this pointer value
         except FileNotFoundError:  # replaced at this very moment
             continue
-        seen.append({"latest": pointer, "rank0": (ckpt / "rank_00000.pt").is_file(),
-                     "rank1": (ckpt / "rank_00001.pt").is_file(), "meta": (ckpt / "meta.json").is_file()})
+        seen.append({"latest": pointer, "rank0": rank_file(ckpt, 0).is_file(),
+                     "rank1": rank_file(ckpt, 1).is_file(), "meta": meta_file(ckpt).is_file()})
         time.sleep(0.05)
     output = proc.communicate(timeout=60)[0]
     assert proc.returncode == 0, output[-6000:]
@@ -92,20 +92,19 @@ def slowed(tmp_path_factory: pytest.TempPathFactory, env: dict) -> tuple[Path, l
 def test_a_slow_rank_delays_latest_until_its_files_are_written(slowed: tuple[Path, list[dict]]) -> None:
     out, seen = slowed
     root = out / "checkpoints"
-    assert latest(out) == "step_00000008"
+    assert latest(out) == tag_of(8)
     # Watched: rank 0 had finished its files while rank 1 slept, and latest still named step 4 then.
     stalled = [s for s in seen if s["rank0"] and not s["rank1"]]
     assert len(stalled) >= 3, f"the stall of rank 1 was not observed: {len(stalled)} of {len(seen)} looks"
-    assert all(s["latest"] == "step_00000004" and not s["meta"] for s in stalled), \
-        [s for s in stalled if s["latest"] != "step_00000004" or s["meta"]][:3]
-    assert all(s["rank1"] and s["meta"] for s in seen if s["latest"] == "step_00000008"), \
+    assert all(s["latest"] == tag_of(4) and not s["meta"] for s in stalled), \
+        [s for s in stalled if s["latest"] != tag_of(4) or s["meta"]][:3]
+    assert all(s["rank1"] and s["meta"] for s in seen if s["latest"] == tag_of(8)), \
         "latest named step 8 before every rank's files were there"
     # And on disk: the pointer and meta.json were written after the last of rank 1's files.
-    rank1_files = [root / "step_00000008" / "rank_00001.pt",
-                   *(root / "step_00000008").glob("*/zero_pp_rank_1_*")]
+    rank1_files = [rank_file(root / tag_of(8), 1), *(root / tag_of(8)).glob("*/zero_pp_rank_1_*")]
     assert len(rank1_files) == 3  # its rank file and its two engine shards
     last = max(p.stat().st_mtime for p in rank1_files)
-    for p in (root / "latest", root / "step_00000008" / "meta.json"):
+    for p in (latest_file(root), meta_file(root / tag_of(8))):
         assert p.stat().st_mtime >= last, f"{p.name} written {last - p.stat().st_mtime:.2f} s before rank 1's files"
 
 
@@ -119,18 +118,18 @@ def test_a_rank_killed_during_a_save_leaves_the_previous_checkpoint_latest(
                          timeout=900)
     assert res.returncode != 0 and "SIGKILL" in res.stderr, res.stderr[-4000:]
     # Rank 1 died after writing its engine shards of step 8 and before its rank file; nothing named step 8 complete.
-    partial = root / "step_00000008"
+    partial = root / tag_of(8)
     assert sorted(p.name for p in partial.glob("*/zero_pp_rank_1_*")) == ["zero_pp_rank_1_mp_rank_00_optim_states.pt"] * 2
-    assert not (partial / "rank_00001.pt").exists() and not (partial / "meta.json").exists()
-    assert latest(out) == "step_00000004", "a checkpoint with a dead rank's files missing became the latest"
-    assert CheckpointManager(out).latest()[0] == "step_00000004"
+    assert not rank_file(partial, 1).exists() and not meta_file(partial).exists()
+    assert latest(out) == tag_of(4), "a checkpoint with a dead rank's files missing became the latest"
+    assert CheckpointManager(out).latest()[0] == tag_of(4)
     leftover = partial / "generator" / "left-by-the-crashed-save"
     leftover.touch()  # anything of the crashed attempt must be gone from the step-8 checkpoint the rerun writes
 
     res = subprocess.run(command(out), env=environment(env, None), capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
-    assert latest(out) == "step_00000008"
-    assert (partial / "meta.json").is_file() and (partial / "rank_00001.pt").is_file()
+    assert latest(out) == tag_of(8)
+    assert meta_file(partial).is_file() and rank_file(partial, 1).is_file()
     assert not leftover.exists(), "the partial step-8 folder of the crashed save was reused, not replaced"
     rows = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
             if "train/total_loss" in line]
@@ -167,16 +166,15 @@ def test_a_starting_run_prunes_the_folders_of_crashed_saves(tmp_path: Path) -> N
     from vitvq.trainer.engine import DistInfo
     root = tmp_path / "checkpoints"
     for step, complete in ((4, True), (6, False), (8, True), (12, False)):
-        folder = root / f"step_{step:08d}"
+        folder = root / tag_of(step)
         (folder / "generator").mkdir(parents=True)
         if complete:
-            (folder / "meta.json").write_text("{}")
-    (root / "latest").write_text("step_00000008")
+            meta_file(folder).write_text("{}")
+    latest_file(root).write_text(tag_of(8))
     CheckpointManager(tmp_path)  # read-only
-    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000004", "step_00000006", "step_00000008",
-                                                            "step_00000012"]
+    assert [p.name for p in step_folders(root)] == [tag_of(4), tag_of(6), tag_of(8), tag_of(12)]
     CheckpointManager(tmp_path, DistInfo(1, 2, 1, torch.device("cpu")))  # not rank 0: leaves it to rank 0
-    assert len(list(root.glob("step_*"))) == 4
+    assert len(step_folders(root)) == 4
     CheckpointManager(tmp_path, DistInfo(0, 2, 0, torch.device("cpu")))
-    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000004", "step_00000008"]
-    assert (root / "latest").read_text() == "step_00000008"
+    assert [p.name for p in step_folders(root)] == [tag_of(4), tag_of(8)]
+    assert latest_file(root).read_text() == tag_of(8)

@@ -17,6 +17,7 @@ import torch
 
 from vitvq.data import TokenLineageError
 from vitvq.models.prior import Prior
+from vitvq.trainer.checkpoint import latest_file, tag_of
 from vitvq.trainer.config import load_job_config
 from vitvq.trainer.engine import DistInfo
 from vitvq.trainer.stage2 import Stage2Config, Stage2Task
@@ -65,7 +66,7 @@ def test_resume_after_a_crash_gives_the_uninterrupted_losses(tmp_path: Path, sta
     out = tmp_path / "interrupted"
     res = launch(out, torchrun_env, 2, stage2_data, *common, fault="step@6", check=False)
     assert res.returncode != 0 and "injected fault step@6" in res.stderr
-    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert latest_file(out / "checkpoints").read_text().strip() == tag_of(4)
     launch(out, torchrun_env, 2, stage2_data, *common)
     got = losses(out)
     assert got == want, f"resumed losses differ:\n{got}\n{want}"

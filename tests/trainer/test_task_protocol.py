@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from vitvq.trainer.checkpoint import meta_file, tag_of
+
 TOY = Path(__file__).with_name("toy_task.py")
 
 
@@ -37,7 +39,7 @@ def test_a_second_task_trains_resumes_and_exports_through_the_same_trainer(tmp_p
     row = json.loads((straight / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"train/loss", "train/lr", "perf/samples_per_s", "perf/step_s"} <= set(row)
     assert not (straight / "images").exists() and not (straight / "reconstructions.png").exists()
-    meta = json.loads((straight / "checkpoints" / "step_00000006" / "meta.json").read_text())
+    meta = json.loads(meta_file(straight / "checkpoints" / tag_of(6)).read_text())
     assert meta["stage"] == "toy" and meta["config"]["dim"] == 8
 
     interrupted = tmp_path / "interrupted"

@@ -20,6 +20,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from vitvq.trainer.checkpoint import latest_file, rank_file, tag_of
+
 WORKER = Path(__file__).with_name("world_size_worker.py")
 STEPS, SAVED = 14, 6  # the source checkpoint: step 6, in epoch 1 on either size
 
@@ -89,11 +91,11 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory, index: Path, env: di
 def test_a_resize_mid_epoch_keeps_the_state_and_reads_every_sample_of_the_next_epoch_once(
         old: int, new: int, uninterrupted: dict[int, SimpleNamespace], index: Path, env: dict, tmp_path: Path) -> None:
     source, reference = uninterrupted[old], uninterrupted[new]
-    tag = f"step_{SAVED:08d}"
+    tag = tag_of(SAVED)
     out, record = tmp_path / "out", tmp_path / "record"
     (out / "checkpoints").mkdir(parents=True)
     shutil.copytree(source.out / "checkpoints" / tag, out / "checkpoints" / tag)
-    (out / "checkpoints" / "latest").write_text(tag)
+    latest_file(out / "checkpoints").write_text(tag)
     res = run(new, out, record, env, index)
     log = res.stdout + res.stderr
 
@@ -116,7 +118,7 @@ def test_a_resize_mid_epoch_keeps_the_state_and_reads_every_sample_of_the_next_e
     assert all(s["accumulation"] == 2 // new for s in starts)  # global batch 4 = micro 2 x ranks x accumulation
 
     # Every rank starts at the same epoch, the one after the interrupted epoch 1; on 1 -> 2 rank 1 has no rank file.
-    assert (source.out / "checkpoints" / tag / "rank_00001.pt").exists() == (old == 2)
+    assert rank_file(source.out / "checkpoints" / tag, 1).exists() == (old == 2)
     assert {(s["epoch"], s["batches"]) for s in starts} == {(2, 2 * starts[0]["batches_per_epoch"])}
     resized = batches(record)
     assert sorted(resized) == list(range(new))
