@@ -82,7 +82,7 @@ def main(argv: Optional[list[str]] = None) -> Any:
         except TrainingFailedError as e:  # out of --max-failures: our latest checkpoint is where a rerun resumes
             print(f"error: training failed on Ray ({type(e).__name__}): {e}\nrerun the same command to resume "
                   f"from the latest checkpoint in {cfg.train.out_dir}", file=sys.stderr, flush=True)
-            from vitvq.trainer.trainer import PREEMPTED_EXIT  # stopped by a signal, the step saved: as under torchrun
+            from vitvq.trainer.preemption import PREEMPTED_EXIT  # stopped by a signal, step saved: as under torchrun
             sys.exit(PREEMPTED_EXIT if "WorkerStopped" in str(e) else 1)
     if result.return_value:  # rank 0's train() result
         print_summary(result.return_value)

@@ -14,21 +14,10 @@ takes one writer at a time.
 Where runs go: the ``tracking_uri`` argument, else ``MLFLOW_TRACKING_URI``, else MLflow's default
 (``sqlite:///mlflow.db`` in the working directory for MLflow 3.x).
 
-MLflow's usage telemetry is off unless ``MLFLOW_DISABLE_TELEMETRY`` is set otherwise: on a node without
-internet its background client slowed our training steps about 40-fold (measured on a 2-core CPU machine,
-mlflow 3.17: 0.3 s -> 10-18 s per debug step), and training nodes are often offline.
-
-Decisions worth knowing:
-- Resume (``run_id=`` the id kept in the checkpoint) continues the SAME run: status back to RUNNING, metrics
-  appended. Params are immutable in MLflow, so a param re-logged with the same value is skipped and one with a
-  different value is recorded as the tag ``resume.<n>.<key>`` (``n`` = how many times the run has been resumed,
-  kept in the tag ``resume.count``; 0 for the process that created the run). Tags given to the constructor
-  follow the same rule on resume (the run keeps its original ``world_size``, ``git_commit``, ...); an explicit
-  ``set_tags`` call overwrites, as tags are mutable.
-- Param values longer than MLflow's limit (6000 characters in 3.x) are cut and end with ``...``.
-- Non-finite metric values are logged as NaN: the step stays visible as a gap in the curves, whereas SQL stores
-  would turn +-inf into +-1.8e308 and flatten every plot of that metric.
-- Errors from the store propagate: a run that cannot be recorded should fail loudly, not train unrecorded.
+A resumed run (``run_id=`` from the checkpoint) continues the SAME MLflow run instead of starting another.
+MLflow's usage telemetry is off unless ``MLFLOW_DISABLE_TELEMETRY`` says otherwise: offline, its background client
+slowed training steps many-fold. The rules for resumed params and tags, long params, non-finite values and store
+errors, and that measurement: README, "Design notes".
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
 plain ``python``, and a Ray Train worker calls the very same function. What is trained comes from a task
 (``trainer/task.py``: the protocol, and the table that maps ``cfg.stage`` to its task class); this file never
 names a model, an engine or a loss. Everything else lives here once: the process group, resume, the loop,
-crash-safe checkpoints, the non-finite guard, MLflow, the progress bar, pictures and background evaluation.
+crash-safe checkpoints, the non-finite guard, MLflow, the progress bar, pictures and background evaluation
+(stopping at a step on a signal: ``trainer/preemption.py``).
 """
 
 from __future__ import annotations
@@ -22,80 +23,21 @@ import torch
 from tqdm import tqdm
 
 from vitvq.configs import flatten, to_dict
-from vitvq.trainer.checkpoint import CheckpointManager, check_shared_folder, maybe_fault, set_rng_state
+from vitvq.trainer.checkpoint import (CheckpointManager, check_shared_folder, latest_file, maybe_fault, rank_file,
+                                      set_rng_state)
 from vitvq.trainer.cluster import redact_config
 from vitvq.trainer.config import config_hash
 from vitvq.trainer.engine import (all_reduce_sum, any_rank, barrier, build_engine, init_distributed,
                                   shutdown_distributed)
 from vitvq.trainer.export import export_checkpoint
 from vitvq.trainer.parallelize import parallelize
+from vitvq.trainer.preemption import PREEMPTED_EXIT, Preempted, StopRequest
 from vitvq.trainer.task import Every, Task, stage_classes
 from vitvq.trainer.tracking import git_commit, make_tracker
 
 
-PREEMPTED_EXIT = 75
-"""Exit status of a run stopped by SIGTERM, ``train.preempt_signal`` or Ctrl-C after saving its step (EX_TEMPFAIL:
-rerun the same command to continue)."""
-
-
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-class Preempted(SystemExit):
-    """Raised by :func:`train` once every rank has saved the step it stopped at."""
-
-
-class StopRequest:
-    """SIGTERM, the configured second signal and SIGINT set a flag instead of killing the process; the loop reads
-    it after each step and all ranks stop together (a second Ctrl-C interrupts at once, as usual).
-
-    Handlers can only be installed from the main thread. A Ray Train worker runs ``train()`` in a thread of its own
-    while Ray's SIGTERM handler on the actor's main thread exits the process at once (mid-step, nothing saved):
-    there the handlers go in through :attr:`main_thread`, which ``trainer/ray_train.py`` sets."""
-
-    main_thread: Optional[Callable[[Callable[[], Any]], Any]] = None
-    """``main_thread(fn)`` runs ``fn`` on this process's main thread and returns its result (None: not available)."""
-
-    def __init__(self, extra: Optional[str]):
-        import threading
-        self.signal: Optional[str] = None
-        self.previous: dict[int, Any] = {}
-        self.names = ["SIGTERM", "SIGINT"] + ([extra] if extra and extra not in ("SIGTERM", "SIGINT") else [])
-        self.runner = None if threading.current_thread() is threading.main_thread() else StopRequest.main_thread
-        try:
-            self.runner(self._install) if self.runner else self._install()
-        except Exception as e:  # not the main thread and no way to reach it: the launcher handles signals
-            if self.runner:
-                print(f"warning: no stop-at-step on signals in this process ({type(e).__name__}: {e})",
-                      file=sys.stderr, flush=True)
-            self.restore()
-
-    def _install(self) -> None:
-        import signal
-        for name in self.names:
-            sig = getattr(signal, name)
-            self.previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        import signal
-        if self.signal == "SIGINT" and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
-
-    def _undo(self) -> None:
-        import signal
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous = {}
-
-    def restore(self) -> None:
-        if not self.previous:
-            return
-        try:
-            self.runner(self._undo) if self.runner else self._undo()
-        except Exception:  # the process is going away (Ray tears the worker group down): nothing to give back
-            self.previous = {}
 
 
 OnCheckpoint = Callable[[int, str, Path, dict[str, float]], None]
@@ -186,9 +128,9 @@ class Trainer:
             print(f"warning: resuming {tag} with a config that differs from the one it was written with")
         if meta["world_size"] == self.dist.world_size:
             if rank_state is None:
-                raise RuntimeError(f"{self.ckpt.root / tag} has no rank_{self.dist.rank:05d}.pt although it was written "
-                                   f"by {meta['world_size']} ranks: the checkpoint is damaged; point "
-                                   f"{self.ckpt.root / 'latest'} at an older complete one")
+                raise RuntimeError(f"{rank_file(self.ckpt.root / tag, self.dist.rank)} is missing although {tag} was "
+                                   f"written by {meta['world_size']} ranks: the checkpoint is damaged; point "
+                                   f"{latest_file(self.ckpt.root)} at an older complete one")
             set_rng_state(rank_state["rng"])
             if "task" in rank_state and hasattr(self.task, "load_rank_state_dict"):
                 self.task.load_rank_state_dict(rank_state["task"])
@@ -249,7 +191,7 @@ class Trainer:
                 if self.nonfinite_in_a_row >= self.cfg.train.max_nonfinite:
                     raise NonFiniteLossError(
                         f"{self.nonfinite_in_a_row} non-finite losses in a row at step {self.step}; the last good "
-                        f"checkpoint is {self.out / 'checkpoints' / str(self.last_good)} — lower the learning rate or "
+                        f"checkpoint is {self.ckpt.root / str(self.last_good)} — lower the learning rate or "
                         f"check the data, then rerun the same command to resume from it")
                 continue
             self.nonfinite_in_a_row = 0
@@ -370,7 +312,7 @@ class Trainer:
                 self.evaluator.close()  # queued evaluations are dropped; the next start re-submits nothing
             self.tracker.close(status="KILLED")
             return {"step": self.step, "out_dir": str(self.out), "run_id": self.run_id, "preempted": preempted,
-                    "checkpoint": str(self.out / "checkpoints" / self.ckpt.tag(self.step))}
+                    "checkpoint": str(self.ckpt.root / self.ckpt.tag(self.step))}
         last.update(self.log_evals(wait=True))
         export = self.export()
         self.tracker.close(status="FINISHED")
