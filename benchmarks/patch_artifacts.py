@@ -24,10 +24,11 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torchvision.utils import save_image
+from PIL import Image
 
 from vitvq.data.builtin import ensure_demo_shards
 from vitvq.data.stream import build_eval_loader
+from vitvq.evaluation.pictures import image_grid
 from vitvq.models.losses import psnr
 from vitvq.models.tokenizer import Tokenizer
 
@@ -100,13 +101,13 @@ def main() -> None:
         if tok.cfg.image_size != 64:
             raise SystemExit(f"{path} is a {tok.cfg.image_size} px tokenizer; the demo crops are 64 px")
         with torch.no_grad():
-            patch = 64 // tok.encode(val[:1] * 2 - 1).indices.shape[1]  # (B, h, w[, depth]) codes
+            patch = 64 // tok.token_grid()  # pixels per token along a side
             rec = torch.cat([(tok.reconstruct(b * 2 - 1) + 1) / 2 for b in val.split(64)]).clamp(0, 1)
         row(f"{path} ({patch} px tokens)", rec, patch)
         rows.append(rec[:8])
     if args.grid:
         big = F.interpolate(torch.cat(rows), scale_factor=3, mode="nearest")  # (8 (1 + exports), 3, 192, 192)
-        save_image(big, args.grid, nrow=8, padding=4, pad_value=1.0)
+        Image.fromarray(image_grid(big * 2 - 1, 8, pad=4, pad_value=255)).save(args.grid)  # white between
         print(f"grid: {args.grid} (originals, then one row per export)")
 
 

@@ -46,6 +46,7 @@ from vitvq.data.shards import sha256_file
 from vitvq.data.tokens import KIND, VIEWS, TokenShardWriter, token_dtype
 from vitvq.data.transforms import image_bytes, label_of, load_crop, square_box, to_float
 from vitvq.data.urls import INDEX_FORMAT, _beside, index_checksum, index_path, load_index, resolve_shards, shard_name
+from vitvq.models.tokens import TokenFacts, check_prior_fits
 
 FORMAT_VERSION = 1  # bump when the bytes written for the same plan change: old shards are then re-encoded
 TENCROP_SCALE = 1.1  # LlamaGen's --crop-range default
@@ -219,21 +220,16 @@ def _numbers(urls: tuple[str, ...]) -> list[int]:
     return nums if len(nums) == len(urls) and len(set(nums)) == len(nums) else list(range(len(urls)))
 
 
-def _tokenizer_record(path: str) -> tuple[dict[str, Any], int]:
-    """The index's record of the export at ``path`` and the side of its token grid; refuses residual quantizers."""
+def _tokenizer_record(path: str) -> tuple[dict[str, Any], TokenFacts]:
+    """The index's record of the export at ``path`` and its token facts; refuses tokens no prior can model."""
     from vitvq.models.tokenizer import Tokenizer
     tok = Tokenizer.load_export(path)
-    q = tok.cfg.quantizer
-    if q.kind == "residual":
-        raise ValueError(f"tokenizer {path} uses a residual quantizer ({q.residual_depth} codes per position): the "
-                         "stage-2 prior models one code per position; encode with a single-codebook tokenizer "
-                         "(quantizer.kind vq, ema or gumbel)")
-    with torch.inference_mode():
-        grid = tok.encode(torch.zeros(1, tok.cfg.in_channels, tok.cfg.image_size, tok.cfg.image_size)).indices.shape[-1]
+    facts = tok.token_facts()
+    check_prior_fits(None, facts, what=f"tokenizer {path} cannot encode tokens for the stage-2 prior", source="it")
     extra = getattr(tok, "export_extra", {}) or {}
     record = {"path": path, "sha256": sha256_file(path), "config": to_dict(tok.cfg),
               "mlflow_run_id": extra.get("mlflow_run_id"), "step": extra.get("step")}
-    return record, int(grid)
+    return record, facts
 
 
 def encode_tokens(tokenizer: str | Path, shards: str, out: str | Path, *, name: Optional[str] = None,
@@ -249,7 +245,7 @@ def encode_tokens(tokenizer: str | Path, shards: str, out: str | Path, *, name: 
     if batch_size < 1 or workers < 0 or (limit is not None and limit < 1):
         raise ValueError(f"need batch_size >= 1, workers >= 0, limit >= 1 (got {batch_size}, {workers}, {limit})")
     tok_path = os.path.abspath(os.path.expanduser(str(tokenizer)))
-    record, grid = _tokenizer_record(tok_path)
+    record, facts = _tokenizer_record(tok_path)
     listed = resolve_shards(shards, index, what="--shards")
     src_index = index or (shards if shards.strip().endswith(".json") else None)
     src_doc = load_index(os.path.expanduser(src_index)) if src_index else None
@@ -260,10 +256,10 @@ def encode_tokens(tokenizer: str | Path, shards: str, out: str | Path, *, name: 
     out = Path(os.path.expanduser(str(out)))
     out.mkdir(parents=True, exist_ok=True)
     ipath, prefix = index_path(out, name, split), f"{name}-{split}"
-    vocab = int(record["config"]["quantizer"]["codebook_size"])
+    vocab = facts.vocab_size
     head = {"format": INDEX_FORMAT, "kind": KIND, "name": name, "split": split, "num_classes": listed.num_classes,
             "classes": (src_doc or {}).get("classes") or [],
-            "tokens": {"tokenizer": record, "grid": grid, "vocab_size": vocab, "dtype": token_dtype(vocab).name,
+            "tokens": {"tokenizer": record, "grid": facts.grid, "vocab_size": vocab, "dtype": token_dtype(vocab).name,
                        "augment": augment, "views": VIEWS[augment], "view_names": VIEW_NAMES[augment],
                        "limit": limit, "source": {"spec": shards, "index_sha256": index_checksum(shards, index)}}}
 

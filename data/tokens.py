@@ -41,6 +41,7 @@ from vitvq.data.shards import _add, sha256_file
 from vitvq.data.stream import EvalLoader, TrainStream, checked_cursor, start_stream
 from vitvq.data.transforms import label_of
 from vitvq.data.urls import ShardError, expand, is_local, load_index, resolve_shards
+from vitvq.models.tokens import TokenFacts
 
 KIND = "tokens"
 VIEWS = {"center": 1, "flip": 2, "tencrop": 10}  # views per sample of each --augment
@@ -239,14 +240,24 @@ def token_index(spec: str, index: Optional[str] = None) -> dict:
     return _find_token_index(spec, index)[1]
 
 
+def index_token_facts(info: dict) -> TokenFacts:
+    """What the token shards of index ``info`` (``token_index``'s dict) hold, for ``check_prior_fits``: the grid and
+    vocabulary the encoding tokenizer stated, one code per position (``data/encode.py`` encodes no other), and the
+    classes of the source images."""
+    t = info["tokens"]
+    return TokenFacts(vocab_size=int(t["vocab_size"]), codes_per_position=1, grid=int(t["grid"]),
+                      image_size=int(t["tokenizer"]["config"]["image_size"]),
+                      num_classes=int(info.get("num_classes") or 0))
+
+
 def token_grid(spec: str, index: Optional[str] = None) -> int:
     """Side of the token grid of ``spec`` (a sample holds grid**2 codes): must equal the prior's ``grid``."""
-    return int(token_index(spec, index)["tokens"]["grid"])
+    return index_token_facts(token_index(spec, index)).grid
 
 
 def token_vocab_size(spec: str, index: Optional[str] = None) -> int:
     """Codebook size of the tokenizer that encoded ``spec``: must equal the prior's vocabulary."""
-    return int(token_index(spec, index)["tokens"]["vocab_size"])
+    return index_token_facts(token_index(spec, index)).vocab_size
 
 
 def check_lineage(spec: str, tokenizer_path: str | Path, index: Optional[str] = None) -> dict:
@@ -270,5 +281,5 @@ def check_lineage(spec: str, tokenizer_path: str | Path, index: Optional[str] = 
 
 
 __all__ = ["TokenDataConfig", "TokenStream", "TokenShardWriter", "TokenLineageError", "build_token_stream",
-           "build_token_eval_loader", "token_index", "token_grid", "token_vocab_size", "check_lineage", "token_dtype",
-           "VIEWS", "KIND"]
+           "build_token_eval_loader", "token_index", "token_grid", "token_vocab_size", "index_token_facts",
+           "check_lineage", "token_dtype", "VIEWS", "KIND"]

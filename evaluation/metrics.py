@@ -31,6 +31,8 @@ import torch.nn as nn
 from einops import rearrange
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from vitvq.models.codebook import code_histogram, code_stats
+
 
 # -- FID -------------------------------------------------------------------------------------------
 @dataclass
@@ -213,10 +215,7 @@ class ReconStats:
         if lpips_net is not None:
             self.lpips = (self.lpips or 0.0) + float(lpips_per_image(lpips_net, rec, x).double().sum())
         if indices is not None:
-            idx = indices.detach().cpu().long()
-            idx = idx.unsqueeze(-1) if idx.dim() == 3 else idx  # (B, h, w) -> (B, h, w, depth=1)
-            codes = rearrange(idx, "b h w d -> d (b h w)")
-            hist = np.stack([np.bincount(c.numpy(), minlength=codebook_size) for c in codes])
+            hist = code_histogram(indices.detach().cpu(), codebook_size).numpy()  # (depth, K)
             self.hist = hist if self.hist is None else self.hist + hist
 
     def __add__(self, other: "ReconStats") -> "ReconStats":
@@ -234,11 +233,10 @@ class ReconStats:
 
 
 def codebook_usage(hist: np.ndarray) -> dict[str, float]:
-    """Fraction of codes used and perplexity exp(H) of the code distribution, averaged over residual depths."""
-    hist = np.atleast_2d(hist).astype(np.float64)
-    p = hist / hist.sum(1, keepdims=True)
-    entropy = -np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0).sum(1)
-    return {"codebook_usage": float((hist > 0).mean(1).mean()), "perplexity": float(np.exp(entropy).mean())}
+    """Usage and perplexity of a (K,) or (depth, K) code histogram, in float64: ``models.codebook.code_stats``, the
+    definition training uses too (per level, then the mean over residual levels)."""
+    s = code_stats(torch.from_numpy(np.asarray(hist, np.float64)))
+    return {"codebook_usage": float(s["usage"]), "perplexity": float(s["perplexity"])}
 
 
 # -- reference statistics --------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from vitvq.evaluation.pool import ActorPool
 from vitvq.models import prior as prior_mod
 from vitvq.models import tokenizer as tokenizer_mod
 from vitvq.models.sampling import CfgSchedule, generate
+from vitvq.models.tokens import check_prior_fits
 
 _M64 = (1 << 64) - 1
 MAX_SAMPLES = 1 << 31
@@ -145,37 +146,16 @@ def peek_export(path: str | Path, fmt: str, what: str) -> dict[str, Any]:
     return {"config": payload["config"], "extra": payload.get("extra", {})}
 
 
-def tokenizer_grid(cfg: tokenizer_mod.TokenizerConfig) -> int:
-    """Side of the tokenizer's token grid at its image size."""
-    down = cfg.encoder.patch_size if cfg.arch == "vit" else cfg.cnn.downsample
-    return cfg.image_size // down
-
-
-def check_compatible(prior: prior_mod.PriorConfig, tok: tokenizer_mod.TokenizerConfig,
-                     prior_path: str | Path, tokenizer_path: str | Path) -> None:
-    """Refuse a prior whose vocabulary or token grid is not the tokenizer's, naming both files."""
-    problems = []
-    if tok.quantizer.kind == "residual":
-        problems.append(f"the tokenizer quantizes residually ({tok.quantizer.residual_depth} codes per position); "
-                        f"the prior models one code per position")
-    if prior.vocab_size != tok.quantizer.codebook_size:
-        problems.append(f"prior vocab_size {prior.vocab_size} != tokenizer codebook_size {tok.quantizer.codebook_size}")
-    grid = tokenizer_grid(tok)
-    if prior.grid != grid:
-        problems.append(f"prior grid {prior.grid}x{prior.grid} != tokenizer token grid {grid}x{grid} "
-                        f"at {tok.image_size} px")
-    if problems:
-        raise ValueError(f"prior {prior_path} does not fit tokenizer {tokenizer_path}: " + "; ".join(problems)
-                         + ". Sample with the tokenizer whose tokens the prior was trained on.")
-
-
 def check_exports(prior_path: str | Path, tokenizer_path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Peek both exports, check that they fit; their (config, extra) dicts."""
+    """Peek both exports and refuse a prior that does not fit the tokenizer (``check_prior_fits``, naming both
+    files); their (config, extra) dicts."""
     from vitvq.configs import from_dict
     p = peek_export(prior_path, prior_mod.EXPORT_FORMAT, "prior")
     t = peek_export(tokenizer_path, tokenizer_mod.EXPORT_FORMAT, "tokenizer")
-    check_compatible(from_dict(prior_mod.PriorConfig, p["config"]),
-                     from_dict(tokenizer_mod.TokenizerConfig, t["config"]), prior_path, tokenizer_path)
+    check_prior_fits(from_dict(prior_mod.PriorConfig, p["config"]),
+                     from_dict(tokenizer_mod.TokenizerConfig, t["config"]).token_facts(),
+                     what=f"prior {prior_path} does not fit tokenizer {tokenizer_path}", fix=None,
+                     advice="Sample with the tokenizer whose tokens the prior was trained on.")
     return p, t
 
 
@@ -225,7 +205,7 @@ class SampleWorker:
                 "prior": {"vocab_size": p.vocab_size, "grid": p.grid, "num_classes": p.num_classes,
                           "width": p.width, "depth": p.depth,
                           "parameters": sum(x.numel() for x in self.prior.parameters())},
-                "tokenizer": {"arch": t.arch, "codebook_size": t.quantizer.codebook_size, "image_size": t.image_size}}
+                "tokenizer": {"arch": t.arch, "codebook_size": self.tok.vocab_size, "image_size": t.image_size}}
 
     def start(self, job: SampleJob, rank: int, world_size: int) -> int:
         """Take chunks ``rank, rank + world_size, ...`` of the job; their number of samples."""
@@ -283,5 +263,4 @@ def sample_images(prior: str | Path, tokenizer: str | Path, job: SampleJob, work
 
 
 __all__ = ["SamplePlan", "SampleJob", "Samples", "SampleWorker", "SampleOutput", "sample_seed", "sample_images",
-           "check_compatible", "check_exports", "peek_export", "tokenizer_grid", "sha256_file", "SEED_RULE",
-           "ORDER_RULE"]
+           "check_exports", "peek_export", "sha256_file", "SEED_RULE", "ORDER_RULE"]

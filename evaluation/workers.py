@@ -137,7 +137,7 @@ class EvalWorker:
             acc.recons = acc.recons or FIDStats.zeros(feats.shape[1])
             acc.recons.update(feats)
             acc.recon = acc.recon or ReconStats()
-            acc.recon.update(x, rec, q.indices, self.tok.cfg.quantizer.codebook_size, self.lpips_net)
+            acc.recon.update(x, rec, q.indices, self.tok.vocab_size, self.lpips_net)
             if job.save_recons:
                 _save_pngs(rec8, ids, job.save_recons)
         return int(imgs.shape[0])

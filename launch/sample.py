@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from vitvq.configs import from_dict
+from vitvq.evaluation.pictures import image_grid
 from vitvq.evaluation.pool import add_worker_arguments
 from vitvq.evaluation.sampling import (MAX_SEED, ORDER_RULE, SEED_RULE, SampleJob, SamplePlan, check_exports,
                                        sample_images, sha256_file)
@@ -124,15 +125,8 @@ def save_npz(path: Path, images: np.ndarray, labels: Optional[np.ndarray]) -> No
 
 def save_grid(path: Path, images: np.ndarray, rows: list[list[int]], pad: int = 2) -> None:
     """Rows of samples (indices into images) as one PNG with ``pad`` black pixels between them."""
-    h, w = images.shape[1:3]
-    cols = max(len(r) for r in rows)
-    canvas = np.zeros((len(rows) * (h + pad) + pad, cols * (w + pad) + pad, 3), np.uint8)
-    for r, row in enumerate(rows):
-        for c, i in enumerate(row):
-            y, x = pad + r * (h + pad), pad + c * (w + pad)
-            canvas[y:y + h, x:x + w] = images[i]
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(path)
+    Image.fromarray(image_grid(images, rows, pad=pad)).save(path)
 
 
 def _classes_text(plan: SamplePlan) -> str:

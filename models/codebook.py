@@ -16,12 +16,9 @@ on every rank, ``discard()`` drops it. Dead-code restarts run at the end of an o
 and k-means initialisation (``init_from_data``) once, before the first step.
 
 Restarted codes take distinct lookup vectors of the window (the steps since the last check; the most recent
-``size`` vectors on each rank), since the nearest-code search only ever picks the first of identical codes:
-issue 10's 8192 codes at 1024 tokens a step restarted about 6000 codes every 10 steps by drawing with
-replacement from one micro-batch, about six copies of each vector, and used 64% of the codebook; distinct
-vectors used 99.6% (``benchmarks/codebook_health.py``). A check therefore waits until its window holds
-``window_uses`` tokens per code (1: a vector for every code). Longer windows tell rare codes from dead ones
-better, but restart too late for an encoder that leaves its codes within tens of steps (8: 62%).
+``size`` vectors on each rank), since the nearest-code search only ever picks the first of identical codes. A check
+waits until its window holds ``window_uses`` tokens per code (1: a vector for every code); longer windows tell rare
+codes from dead ones better but restart too late. The usage measured either way (issue 10): README, "Design notes".
 """
 
 from __future__ import annotations
@@ -90,12 +87,27 @@ def fp32_island(device: torch.device) -> torch.autocast:
     return torch.autocast(device_type=device.type, enabled=False)
 
 
+def code_histogram(indices: Tensor, size: int) -> Tensor:
+    """(L, K) int64 uses of each code at each level: ``QuantizerOutput.indices`` (B, h, w) of one codebook (L = 1)
+    or (B, h, w, L) of L residual levels."""
+    levels = indices.reshape(-1, indices.shape[-1]) if indices.ndim == 4 else indices.reshape(-1, 1)  # (N, L)
+    return torch.stack([torch.bincount(c, minlength=size) for c in levels.long().t()])
+
+
 def code_stats(counts: Tensor) -> dict[str, Tensor]:
-    """Perplexity exp(H(p)) and usage (fraction of codes used at least once) of a code histogram (K,)."""
-    counts = counts.float()
-    p = counts / counts.sum().clamp_min(1.0)
-    entropy = -torch.special.xlogy(p, p).sum()  # 0 log 0 = 0
-    return {"perplexity": entropy.exp(), "usage": (counts > 0).float().mean()}
+    """Codebook usage and perplexity of a code histogram, (K,) or (L, K) for L residual levels: the one definition,
+    behind the quantizer's stats, the health window, validation and evaluation (``evaluation.metrics``).
+
+    Per level, usage is the fraction of the K codes used at least once and perplexity exp(H(p)) of its code
+    distribution; over levels, the mean of each. With a codebook per level the mean usage is the fraction of all
+    L * K codes used; with a shared codebook it is how much of it each level uses (dead-code restarts count a shared
+    code alive when any level uses it). Issue 19: the health window and validation counted level 0 only, while the
+    quantizer and evaluation averaged the levels. Computed in the counts' precision, at least fp32."""
+    c = counts.to(torch.promote_types(counts.dtype, torch.float32))
+    c = c.reshape(-1, c.shape[-1])  # (L, K)
+    p = c / c.sum(-1, keepdim=True).clamp_min(1.0)
+    entropy = -torch.special.xlogy(p, p).sum(-1)  # (L,); 0 log 0 = 0
+    return {"perplexity": entropy.exp().mean(), "usage": (c > 0).to(c.dtype).mean(-1).mean()}
 
 
 class Codebook(nn.Module):
@@ -311,17 +323,19 @@ class UsageWindow:
     Usage of one batch is capped at tokens per batch / codes (the demo's 1024 tokens can use at most 1024 of
     8192 codes), so a per-batch figure says little; over a window it measures the codebook. Fed with the
     all-reduced counts of the micro-batches that were used (``add``), closed at each optimizer step
-    (``end_step``); plain bookkeeping whose state goes into the trainer's checkpoint.
+    (``end_step``); plain bookkeeping whose state goes into the trainer's checkpoint. A residual quantizer's
+    ``levels`` histograms are kept side by side, so each level counts (``code_stats``).
     """
 
-    def __init__(self, size: int, steps: int):
-        self.size, self.steps = size, steps
-        self.hist = torch.zeros(steps, size, dtype=torch.float64)  # ring of per-step counts
-        self.current = torch.zeros(size, dtype=torch.float64)
+    def __init__(self, size: int, steps: int, levels: int = 1):
+        self.size, self.steps, self.levels = size, steps, levels
+        self.hist = torch.zeros(steps, levels * size, dtype=torch.float64)  # ring of per-step counts, level-major
+        self.current = torch.zeros(levels * size, dtype=torch.float64)
         self.pos, self.filled, self.restarts = 0, 0, 0
 
     def add(self, counts: Tensor) -> None:
-        self.current += counts.detach().double().cpu()
+        """Counts (K,) of one codebook or (L, K) of the levels (``QuantizerOutput.counts``)."""
+        self.current += counts.detach().double().cpu().reshape(-1)
 
     def end_step(self, restarted: int = 0) -> None:
         self.hist[self.pos] = self.current
@@ -330,10 +344,12 @@ class UsageWindow:
         self.restarts += int(restarted)
 
     def counts(self) -> Tensor:
-        """(K,) uses of each code over the window."""
-        return self.hist.sum(0)
+        """(K,) uses of each code over the window; (L, K) for L levels."""
+        counts = self.hist.sum(0)
+        return counts if self.levels == 1 else counts.view(self.levels, self.size)
 
     def stats(self) -> dict[str, float]:
+        """``code_stats`` over the window; dead codes are the (level, code) pairs unused in it."""
         counts = self.counts()
         s = code_stats(counts)
         return {"usage": float(s["usage"]), "perplexity": float(s["perplexity"]),
@@ -345,8 +361,9 @@ class UsageWindow:
                 "restarts": self.restarts}
 
     def load_state_dict(self, state: dict) -> None:
-        if tuple(state["hist"].shape) != (self.steps, self.size):
+        if tuple(state["hist"].shape) != (self.steps, self.levels * self.size):
             raise ValueError(f"usage window of shape {tuple(state['hist'].shape)} in the checkpoint, this run has "
-                             f"({self.steps}, {self.size}): keep quantizer.health_window and codebook_size on resume")
+                             f"({self.steps}, {self.levels * self.size}): keep quantizer.health_window, codebook_size "
+                             "and residual_depth on resume")
         self.hist, self.current = state["hist"].clone(), state["current"].clone()
         self.pos, self.filled, self.restarts = state["pos"], state["filled"], state["restarts"]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import socket
 from pathlib import Path
 from typing import Any, Optional, Union
 from urllib.parse import urlparse
@@ -84,6 +85,14 @@ def redact_config(flat: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- the cluster ----------------------------------------------------------------------------------
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` now, chosen by the OS (the process group's MASTER_PORT, Ray dashboards,
+    tests' job servers). Free only until someone else binds it: use it at once."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def alive_nodes() -> list[dict[str, Any]]:
     """The alive Ray nodes that can run workers (CPU or GPU resources), as ``ray.nodes()`` describes them. Needs
     ``ray.init`` (a head started with ``num_cpus=0`` only hosts the driver and Train's controller)."""
@@ -210,5 +219,5 @@ def check_multinode(out_dirs: dict[str, PathLike], tracking_uri: Optional[str] =
     check_visible_everywhere(out_dirs)
 
 
-__all__ = ["ClusterCheckError", "MASK", "looks_secret", "redact", "redact_config", "alive_nodes",
+__all__ = ["ClusterCheckError", "MASK", "looks_secret", "redact", "redact_config", "free_port", "alive_nodes",
            "check_visible_everywhere", "effective_tracking_uri", "check_tracking", "check_multinode"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.checkpoint import UNIVERSAL_CHECKPOINT_INFO
 
+from vitvq.trainer.cluster import free_port
 from vitvq.trainer.config import OptimConfig, TrainConfig
 from vitvq.trainer.parallelize import compute_dtype
 
@@ -41,18 +41,12 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(timeout_s: float = 1800) -> DistInfo:
     """Join the process group set up by ``deepspeed``, ``torchrun``, Ray Train, or none (plain ``python``);
     collectives fail after ``timeout_s`` seconds of waiting (``train.dist_timeout_s``)."""
     if "RANK" not in os.environ:  # plain `python launch/...`: a group of one, so every code path is the same
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)

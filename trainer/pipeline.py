@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional
 
 from vitvq.configs import flatten, to_dict
 from vitvq.data.shards import sha256_file
+from vitvq.models.tokens import check_prior_fits
 from vitvq.trainer.config import load_job_config
 from vitvq.trainer.lineage import lineage_hash, read_manifest, training_key, write_manifest
 from vitvq.trainer.pipeline_config import (EncodeStep, GfidStep, PipelineConfig, SampleStep, TrainStep,
@@ -86,17 +87,9 @@ class Pipeline:
                                         f"root, or give an absolute path)")
         s1 = load_job_config(Stage1Config, c.stage1.recipe, c.stage1.overrides)
         s2 = load_job_config(Stage2Config, c.stage2.recipe, c.stage2.overrides)
-        q = s1.model.quantizer
-        if q.kind == "residual":
-            raise ValueError(f"stage1: {c.stage1.recipe} trains a residual quantizer; the prior models one code per "
-                             f"position: use quantizer.kind vq, ema or gumbel")
-        if s2.prior.vocab_size != q.codebook_size:
-            raise ValueError(f"stage2: prior.vocab_size={s2.prior.vocab_size} but the stage-1 recipe's codebook has "
-                             f"{q.codebook_size} codes: set stage2.overrides: [prior.vocab_size={q.codebook_size}]")
-        grid = token_grid_of(s1.model)
-        if grid is not None and s2.prior.grid != grid:
-            raise ValueError(f"stage2: prior.grid={s2.prior.grid} but the stage-1 tokenizer makes {grid}x{grid} codes "
-                             f"at {s1.model.image_size} px: set stage2.overrides: [prior.grid={grid}]")
+        check_prior_fits(s2.prior, s1.model.token_facts(), source="the stage-1 tokenizer", fix="stage2.overrides: [{}]",
+                         what=f"stage2: the prior of {c.stage2.recipe} does not fit the stage-1 tokenizer of "
+                              f"{c.stage1.recipe}")
         from vitvq.trainer.ray_train import parse_workers
         for name, step, scfg in (("stage1", c.stage1, s1), ("stage2", c.stage2, s2)):
             from vitvq.trainer.ray_train import check_request
@@ -371,21 +364,6 @@ class PlanEnds(Exception):
     def __init__(self, step: str):
         super().__init__(step)
         self.step = step
-
-
-def token_grid_of(model_cfg: Any) -> Optional[int]:
-    """Side of the token grid the tokenizer of ``model_cfg`` makes: its encoder's output on the meta device (no
-    memory, no weights; the quantizer keeps the grid); None when the encoder cannot run there (then the prior's grid
-    is checked when stage 2 starts)."""
-    import torch
-    from vitvq.models.tokenizer import Tokenizer
-    try:
-        with torch.device("meta"), torch.inference_mode():
-            tok = Tokenizer(model_cfg)
-            x = torch.zeros(1, model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
-            return int(tok.encoder(x).shape[-1])
-    except Exception:  # noqa: BLE001 - an op without a meta kernel: leave the check to stage 2
-        return None
 
 
 __all__ = ["PipelineConfig", "TrainStep", "EncodeStep", "SampleStep", "GfidStep", "Pipeline", "StepResult",

@@ -1,51 +1,19 @@
 """Training on Ray Train V2: the function every Train worker runs, and the ``TorchTrainer`` around it.
 
-``launch/ray_train.py`` is the command line; :func:`fit` builds the ``TorchTrainer`` (fixed or elastic size,
-failure and checkpoint policy) and each worker runs :func:`train_loop`, which rebuilds the job config and calls
-the very same ``vitvq.trainer.trainer.train(cfg)`` that ``torchrun`` and ``deepspeed`` run. Ray Train has set
-RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR and initialised ``torch.distributed`` (gloo on CPUs, NCCL on GPUs)
-before the function starts, so ``init_distributed`` joins that group and DeepSpeed's communication uses it.
+``launch/ray_train.py`` is the command line; :func:`fit` checks what several nodes need (``trainer/cluster.py``) and
+builds the ``TorchTrainer`` (fixed or elastic size, failure and checkpoint policy); each worker runs
+:func:`train_loop`, which rebuilds the job config and calls the very same ``vitvq.trainer.trainer.train(cfg)`` that
+``torchrun`` and ``deepspeed`` run. Ray Train has set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR and initialised
+``torch.distributed`` (gloo on CPUs, NCCL on GPUs) before the function starts, so ``init_distributed`` joins that
+group and DeepSpeed's communication uses it.
 
-Checkpoints have one source of truth: our ``CheckpointManager`` in ``train.out_dir`` (on storage every node
-sees, same path), whose ``checkpoints/latest`` names the newest complete checkpoint. At each of them every rank
-calls ``ray.train.report`` (a barrier: the save is collective, so every rank reports equally often) and rank 0
-attaches a pointer checkpoint: a folder named like ours (``step_00001000``) holding only
-``vitvq_checkpoint.json``. After a restart every rank resumes from our ``latest``; Ray's ``get_checkpoint()`` is
-checked against it, and a disagreement is said (Ray's record may lag by a report, as its controller polls the
-workers every 2 s) or refused (Ray names a checkpoint that ``out_dir`` lacks: storage not shared).
-Retention: ours is ``train.keep_last``; Ray's ``num_to_keep`` is the same number, so Ray never names a
-checkpoint we deleted and keeps only pointers of a few hundred bytes; pointers uploaded but never registered
-(a crash between the two) are deleted by :func:`prune_pointers` once ``fit`` returns.
-
-Elastic runs (``workers=(lo, hi)``) restart the whole worker group at the new size from our latest checkpoint;
-the Trainer converts it through DeepSpeed's universal format once and recomputes the gradient accumulation, so
-:func:`batch_problem` refuses, before anything starts, a range holding a size that cannot keep the global batch.
-Before the ``TorchTrainer`` is built, :func:`fit` checks what several nodes need (``trainer/cluster.py``): out_dir
-and storage visible from every node, one MLflow store for all of them.
-
-SIGTERM (a node's shutdown on preemption, a scheduler, ``kill``) stops at a step, saved, as under ``torchrun``. Ray
-2.60 runs the train function in a thread of the worker actor (``RayTrainWorker.run_train_fn`` ->
-``ThreadRunner``), where ``signal.signal`` raises, while the actor's main thread carries Ray's own handler
-(``Worker.main_loop``: ``sys.exit(1)`` on SIGTERM): probed, the process died within 0.5 s, mid-step, nothing saved
-(``WorkerGroupError``: "The process receives a SIGTERM"), so a restart could only go back to an older checkpoint.
-So :func:`train_loop` gives ``StopRequest`` a way to the main thread (:func:`on_actor_main_thread`: the actor's own
-``execute`` task, which runs there); our handler replaces Ray's for the run, every rank finishes the step and saves
-it, and the workers end with
-:class:`WorkerStopped`: a worker error, so Ray restarts the group (it counts against ``--max-failures``; with none
-left the run ends and a rerun resumes) from that very checkpoint. This covers a SIGTERM sent to the worker process
-(a preemption script, ``kill``, a process-group signal). What Ray itself does on the way is not one:
-``ray.kill`` and a group restart for an elastic resize kill the worker process outright, and a SIGTERM to a node's
-raylet (probed on a ``ray.cluster_utils.Cluster`` node) ends the node and its workers without their handlers
-running ("the actor's node was terminated expectedly: received SIGTERM"); the run then resumes from the latest
-periodic checkpoint, as after a crash. A node drain is announced through ``ray.train.get_preemption_info`` only,
-which the Trainer does not read yet.
-
-Listening sockets: a local cluster (:func:`ray_cluster`) puts the dashboard, whose job API runs any command it is
-sent, on 127.0.0.1. The rest cannot be kept there in Ray 2.60: read in /proc/net/tcp{,6}, the GCS, the raylet (node
-manager and object manager), every core worker (the driver too) and the dashboard agent listen on all interfaces
-(``::``/``0.0.0.0``), the runtime-env agent and the dashboard agent's HTTP port on the node's IP, and
-``ray.init(_node_ip_address="127.0.0.1")`` is turned back into the node's IP (``services.resolve_ip_for_localhost``).
-Keep Ray nodes on a private network or behind a firewall; Ray's token authentication (on by default) guards them.
+Our ``CheckpointManager`` in ``train.out_dir`` stays the one record of the latest checkpoint: Ray only gets a small
+pointer checkpoint per save and is checked against ours after a restart (:func:`resume_note`), and an elastic range
+restarts the group at a new size from that checkpoint, so :func:`batch_problem` refuses up front a size that cannot
+keep the global batch. SIGTERM to a worker stops at a step, saved, as under ``torchrun``: Ray runs the train function
+off the main thread, so :func:`on_actor_main_thread` lets ``StopRequest`` install its handlers there, and
+:class:`WorkerStopped` makes Ray restart the group from that step. What was probed on Ray 2.60 behind these choices
+(Ray's own SIGTERM handling, pointer retention, listening sockets): README, "Design notes".
 """
 
 from __future__ import annotations
@@ -56,14 +24,13 @@ import math
 import os
 import secrets
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
 from vitvq.configs import from_dict, to_dict
 from vitvq.trainer.checkpoint import CheckpointManager
-from vitvq.trainer.cluster import check_multinode, check_visible_everywhere
+from vitvq.trainer.cluster import check_multinode, check_visible_everywhere, free_port
 from vitvq.trainer.task import stage_classes
 
 POINTER_FILE = "vitvq_checkpoint.json"
@@ -107,12 +74,6 @@ def batch_problem(train_cfg: Any, workers: Workers) -> Optional[str]:
             + (f", or use only sizes in {fits}" if fits else "") + ", or change train.micro_batch_size")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def check_request(train_cfg: Any, workers: Workers, gpus_per_worker: float) -> None:
     """Refuse (ValueError, with the fix) what cannot run: a size that cannot keep the global batch, or a worker
     that is not one rank on one device."""
@@ -153,7 +114,7 @@ def ray_cluster(address: Optional[str] = None, num_cpus: Optional[float] = None,
         # The dashboard (which runs any job it is sent) on 127.0.0.1. The rest of Ray cannot be kept on localhost:
         # see the module docstring.
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=_free_port(), _temp_dir=tmp, runtime_env=runtime_env)
+                 dashboard_port=free_port(), _temp_dir=tmp, runtime_env=runtime_env)
     try:
         yield
     finally:
@@ -189,7 +150,8 @@ def resume_note(out_dir: Path, ray_pointer: Optional[dict[str, Any]]) -> Optiona
         return None
     if theirs == ours:
         return f"resuming from {ours} (checkpoints/latest; Ray's latest checkpoint agrees)"
-    lag = ": Ray had not registered the newer report before the failure" if theirs and theirs < ours else ""
+    older = theirs and ray_pointer.get("step", -1) < found[1]["step"]  # by the steps recorded, not the names
+    lag = ": Ray had not registered the newer report before the failure" if older else ""
     return (f"resuming from {ours} (checkpoints/latest, the source of truth); Ray's latest checkpoint is "
             f"{theirs or 'none'}{lag}")
 
@@ -224,7 +186,8 @@ def train_loop(config: dict[str, Any]) -> Optional[dict[str, Any]]:
     """The function every Ray Train worker runs: ``config`` holds the stage, the job config as a dict and the
     driver's working directory. Returns rank 0's ``train()`` result (Ray hands it back as ``Result.return_value``)."""
     import ray.train
-    from vitvq.trainer.trainer import Preempted, StopRequest, train
+    from vitvq.trainer.preemption import Preempted, StopRequest
+    from vitvq.trainer.trainer import train
 
     cfg_cls, _ = stage_classes(config["stage"])
     cfg = from_dict(cfg_cls, config["config"])

@@ -19,14 +19,13 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from vitvq.data import build_eval_loader, build_train_stream, index_checksum, shard_spec
 from vitvq.models.discriminators import build_discriminator
 from vitvq.models.losses import Stage1Loss, psnr
 from vitvq.models.tokenizer import Tokenizer
 from vitvq.trainer.config import OptimConfig, Stage1Config
-from vitvq.models.codebook import UsageWindow, code_stats
+from vitvq.models.codebook import UsageWindow, code_histogram, code_stats
 from vitvq.trainer.engine import DistInfo, all_reduce_sum, any_rank, grad_norm, row_writer
 from vitvq.trainer.parallelize import compute_dtype
 from vitvq.trainer.task import Every, Evaluator, Stream
@@ -70,8 +69,8 @@ class Stage1Task:
         self.gen.set_all_reduce(all_reduce_sum, rank=self.dist.rank, world_size=self.dist.world_size)
         self.gen.quantizer.set_row_writer(row_writer(engines["generator"]))  # restarts reach DeepSpeed's masters
         self.loss.set_all_reduce(all_reduce_sum)
-        q = self.cfg.model.quantizer
-        self.health = UsageWindow(q.codebook_size, q.health_window)
+        model = self.cfg.model
+        self.health = UsageWindow(model.vocab_size, model.quantizer.health_window, levels=model.codes_per_position)
 
     @property
     def gen(self) -> Tokenizer:
@@ -214,9 +213,9 @@ class Stage1Task:
         was_training = gen.training
         gen.eval()
         # eval mode: the quantizer runs no collectives (ranks may hold different numbers of val batches)
-        k = self.cfg.model.quantizer.codebook_size
+        model = self.cfg.model
         sums = torch.zeros(4, dtype=torch.float64, device=self.dist.device)  # n, l1, psnr, lpips
-        hist = torch.zeros(k, dtype=torch.float64, device=self.dist.device)
+        hist = torch.zeros(model.codes_per_position, model.vocab_size, dtype=torch.float64, device=self.dist.device)
         for i, batch in enumerate(loader):
             if i >= max_batches:
                 break
@@ -228,15 +227,15 @@ class Stage1Task:
             sums[1] += (a - b).abs().flatten(1).mean(1).sum().double()
             sums[2] += psnr(a, b).sum().double()
             sums[3] += self.loss.lpips_distance(x, x_rec).sum().double()
-            codes = q.indices if q.indices.ndim == 3 else q.indices[..., 0]  # residual: the first level's codes
-            hist += torch.bincount(codes.flatten(), minlength=k).double()
+            hist += code_histogram(q.indices, model.vocab_size).double()  # (levels, K): every residual level
         all_reduce_sum(sums)
         all_reduce_sum(hist)
         gen.train(was_training)
         n = max(sums[0].item(), 1.0)
+        usage = code_stats(hist)
         return {"val/l1": sums[1].item() / n, "val/psnr": sums[2].item() / n, "val/lpips": sums[3].item() / n,
-                "val/codebook_usage": (hist > 0).double().mean().item(),
-                "val/perplexity": float(code_stats(hist)["perplexity"]), "val/images": sums[0].item()}
+                "val/codebook_usage": float(usage["usage"]), "val/perplexity": float(usage["perplexity"]),
+                "val/images": sums[0].item()}
 
     def picture_batch(self) -> torch.Tensor:
         """The same 8 images for every grid of a run: the first validation images, else the first training
@@ -258,18 +257,14 @@ class Stage1Task:
     @torch.no_grad()
     def reconstruction_grid(self, x: torch.Tensor, n: int = 8) -> np.ndarray:
         """Originals (top row) above reconstructions (bottom row), uint8 (H, W, 3)."""
-        from torchvision.utils import make_grid
+        from vitvq.evaluation.pictures import image_grid
         gen = self.gen
         was_training = gen.training
         gen.eval()  # no collectives in eval mode: only rank 0 may be here
         x = x[:n].to(self.dist.device)
         x_rec = gen.to_image(gen(x.to(self.dtype))[0].float()).clamp(-1, 1)
         gen.train(was_training)
-        grid = make_grid(torch.cat([x.float(), x_rec]).cpu(), nrow=x.shape[0], padding=2, value_range=(-1, 1),
-                         normalize=True)
-        if grid.shape[-1] < 256:  # tiny debug images: upscale so the picture is readable
-            grid = F.interpolate(grid[None], scale_factor=256 // grid.shape[-1] + 1, mode="nearest")[0]
-        return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        return image_grid(torch.cat([x.float(), x_rec]).cpu(), x.shape[0], min_width=256)  # tiny images enlarged
 
     def evaluator(self, export: Callable[[Optional[str], Path], Path]) -> Optional[Evaluator]:
         return RFIDEvaluator(self.cfg, self.shards("val"), export) if self.cfg.eval.every else None
@@ -320,7 +315,7 @@ def usage_plot(counts: np.ndarray, stats: dict[str, float]) -> np.ndarray:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    order = np.sort(counts)[::-1]
+    order = np.sort(counts.reshape(-1))[::-1]  # residual: every (level, code) pair
     fig, ax = plt.subplots(figsize=(6, 3), dpi=100)
     colors = np.where(order > 0, "tab:blue", "lightgray")  # unused codes: a gray floor at 0.5
     ax.bar(np.arange(len(order)), np.maximum(order, 0.5), width=1.0, color=colors)

@@ -26,10 +26,12 @@ import torch.nn as nn
 from vitvq.configs import check
 from vitvq.data import build_token_eval_loader, build_token_stream, check_lineage, index_checksum, token_index
 from vitvq.data.shards import sha256_file
-from vitvq.data.tokens import TokenDataConfig
+from vitvq.data.tokens import TokenDataConfig, index_token_facts
+from vitvq.evaluation.pictures import image_grid
 from vitvq.evaluation.sampling import SamplePlan
 from vitvq.models.prior import Prior, PriorConfig, prior_loss
 from vitvq.models.sampling import generate
+from vitvq.models.tokens import check_prior_fits
 from vitvq.trainer.config import OptimConfig, TrainConfig
 from vitvq.trainer.engine import DistInfo, all_reduce_sum, any_rank, grad_norm
 from vitvq.trainer.task import Evaluator, Stream
@@ -143,16 +145,10 @@ class Stage2Task:
         index = check_lineage(t.train_tokens, cfg.tokenizer, index=t.index)
         if t.val_tokens:
             check_lineage(t.val_tokens, cfg.tokenizer)
+        check_prior_fits(p, index_token_facts(index), source="their tokenizer",
+                         what=f"the prior does not fit the token shards {t.train_tokens} (encoded by the tokenizer "
+                              f"{cfg.tokenizer})")
         info = index["tokens"]
-        where = f"the token shards {t.train_tokens}"
-        for field_name, want in (("vocab_size", info["vocab_size"]), ("grid", info["grid"])):
-            if getattr(p, field_name) != want:
-                raise ValueError(f"prior.{field_name}={getattr(p, field_name)} but {where} hold a {field_name} of {want} "
-                                 f"(from the tokenizer {cfg.tokenizer}); set prior.{field_name}={want}")
-        classes = int(index.get("num_classes") or 0)
-        if p.num_classes and p.num_classes != classes:
-            raise ValueError(f"prior.num_classes={p.num_classes} but {where} have {classes} classes; set "
-                             f"prior.num_classes={classes} (or 0 for an unconditional prior)")
         tok = info["tokenizer"]
         return {"tokenizer_sha256": tok["sha256"], "tokenizer_mlflow_run_id": tok.get("mlflow_run_id") or "none",
                 "tokens_index_sha256": index_checksum(t.train_tokens, t.index) or "none",
@@ -276,7 +272,6 @@ class Stage2Task:
         """Rows of ``samples.per_class`` samples of each class in ``samples.classes``, uint8 (H, W, 3): sample i of
         the grid is sample i of ``launch/sample.py --classes <classes> --per-class <per_class> --seed <seed>`` with
         the same settings (``evaluation.sampling.SamplePlan``: class-major order, a seed per sample)."""
-        from torchvision.utils import make_grid
         s, p = self.cfg.samples, self.cfg.prior
         if p.num_classes:
             plan = SamplePlan(tuple(s.classes), s.per_class, s.seed)
@@ -290,10 +285,7 @@ class Stage2Task:
                           top_k=s.top_k, top_p=s.top_p, generators=gens)
         tok = self.tokenizer()
         images = tok.to_image(tok.decode_codes(tokens.view(-1, p.grid, p.grid)).float()).clamp(-1, 1)
-        grid = make_grid(images.cpu(), nrow=s.per_class, padding=2, value_range=(-1, 1), normalize=True)
-        if grid.shape[-1] < 256:  # tiny images: upscale so that the picture is readable
-            grid = torch.nn.functional.interpolate(grid[None], scale_factor=256 // grid.shape[-1] + 1, mode="nearest")[0]
-        return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        return image_grid(images.cpu(), s.per_class, min_width=256)  # tiny images enlarged
 
     def evaluator(self, export: Callable[[Optional[str], Path], Path]) -> Optional[Evaluator]:
         return None

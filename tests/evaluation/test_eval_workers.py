@@ -86,7 +86,7 @@ def test_rfid_with_two_workers_matches_in_process_and_hand(cifar, pools, export,
     a, b = ((x + 1) / 2).double().numpy(), ((rec + 1) / 2).clamp(0, 1).double().numpy()
     psnr = np.mean([10 * np.log10(1 / np.mean((a[i] - b[i]) ** 2)) for i in range(40)])
     assert two.metrics["eval/psnr"] == pytest.approx(psnr, rel=1e-5)
-    used = len(np.unique(q.indices.numpy())) / tok.cfg.quantizer.codebook_size
+    used = len(np.unique(q.indices.numpy())) / tok.vocab_size
     assert two.metrics["eval/codebook_usage"] == pytest.approx(used)
     saved = sorted(recons.glob("*.png"))
     assert len(saved) == 40

@@ -53,7 +53,7 @@ def exports(tmp_path_factory) -> dict[str, str]:
     tmp = tmp_path_factory.mktemp("exports")
     torch.manual_seed(0)
     tok = Tokenizer(from_dict(TokenizerConfig, "debug"))
-    assert tok.cfg.quantizer.codebook_size == 64 and tok.cfg.image_size // tok.cfg.encoder.patch_size == 4
+    assert tok.vocab_size == 64 and tok.token_grid() == 4
     return {"tok": str(tok.save_export(tmp / "tok.pt")), "prior": make_prior(tmp / "prior.pt"),
             "blind": make_prior(tmp / "blind.pt", blind=True),
             "uncond": make_prior(tmp / "uncond.pt", num_classes=0)}
@@ -161,8 +161,8 @@ def test_unconditional_prior(exports, tmp_path: Path):
     assert res["protocol"]["classes"] == "unconditional (null class)"
 
 
-@pytest.mark.parametrize("override,problem", [({"vocab_size": 32}, "prior vocab_size 32 != tokenizer codebook_size 64"),
-                                              ({"grid": 2}, "prior grid 2x2 != tokenizer token grid 4x4")])
+@pytest.mark.parametrize("override,problem", [({"vocab_size": 32}, "prior.vocab_size=32 but the tokenizer has 64 codes"),
+                                              ({"grid": 2}, "prior.grid=2 but the tokenizer makes 4x4 codes at 32 px")])
 def test_mismatched_prior_is_refused_naming_both_files(exports, tmp_path: Path, capsys, override, problem):
     bad = make_prior(tmp_path / "bad.pt", **override)
     with pytest.raises(ValueError, match="does not fit") as e:

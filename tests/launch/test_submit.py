@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,16 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from vitvq.trainer.cluster import looks_secret, redact
+from vitvq.trainer.cluster import free_port, looks_secret, redact
 
 ROOT = Path(__file__).resolve().parents[2]
 SUBMIT = str(ROOT / "launch" / "submit.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
