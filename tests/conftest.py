@@ -1,9 +1,21 @@
-"""Shared fixtures: environment for multi-process launches, the real-data folder, quiet MLflow and Ray."""
+"""Shared fixtures and the test tiers.
+
+``python -m pytest`` runs the quick tier: unit tests plus one 2-rank DeepSpeed run and one Ray Train run. Tests
+marked ``e2e`` (real launchers end to end, Ray clusters, faults) run with ``python -m pytest --full``; the session
+then shares one local Ray cluster, one set of shards and one trained debug tokenizer among them.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -14,6 +26,36 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # DeepSpeed JIT-builds its CPU communication op once; keep the build between test runs.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "vitvq" / "torch_extensions"))
+
+
+FULL_TIER = "python -m pytest --full"
+_DESELECTED = pytest.StashKey[int]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--full", action="store_true", help="also run the end-to-end tier (tests marked e2e)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "e2e: end-to-end test of the full tier (runs with --full)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without ``--full``, the e2e tests are deselected (reported at the end, with the command that runs them)."""
+    if config.getoption("--full"):
+        return
+    e2e = [item for item in items if item.get_closest_marker("e2e")]
+    if e2e:
+        config.hook.pytest_deselected(items=e2e)
+        items[:] = [item for item in items if not item.get_closest_marker("e2e")]
+        config.stash[_DESELECTED] = len(e2e)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    n = config.stash.get(_DESELECTED, 0)
+    if n:
+        terminalreporter.write_line(f"quick tier: {n} end-to-end tests (marked e2e) not run; run every test with "
+                                    f"`{FULL_TIER}` (README, Tests)")
 
 
 def launch_env(folder: Path, threads: int = 1) -> dict:
@@ -134,3 +176,95 @@ def stage2_demo_data(tmp_path_factory: pytest.TempPathFactory) -> dict:
     cfg = load_stage1_config(ROOT / "configs/stage1/demo.yaml")
     data = _tokens_for(root, Tokenizer(cfg.model), 64, {"train": 512, "val": 128}, {"mlflow_run_id": stage1.run_id})
     return {**data, "mlflow_dir": root, "stage1_run_id": stage1.run_id}
+
+
+# -- shared by the end-to-end tier -----------------------------------------------------------------
+STAGE1_LOSSES = ("train/total_loss", "train/rec_loss", "train/g_loss", "train/disc_loss", "train/quant_loss")
+DEBUG_RUN = ("train.progress=false", "train.val_every=0", "train.image_every=100", "data.mode=epoch",
+             "data.shuffle_buffer=16")
+"""Overrides of configs/stage1/debug.yaml for the runs whose losses are compared step by step."""
+
+
+def read_losses(out: Path, keys: tuple[str, ...] = STAGE1_LOSSES) -> dict[int, dict[str, float]]:
+    """Per step, the last logged values of ``keys`` in ``out/metrics.jsonl`` (a resumed or restarted run logs the
+    steps it redoes again); rows without ``keys[0]`` (validation) are passed over."""
+    rows = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if keys[0] in row:
+            rows[row["step"]] = {k: row[k] for k in keys}
+    return rows
+
+
+@pytest.fixture(scope="session")
+def losses():
+    """:func:`read_losses`, for test modules (importlib mode cannot import conftest)."""
+    return read_losses
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One Ray cluster of three nodes on this machine for the session, with this process connected as a driver: a
+    head without CPUs (drivers, Train's controller, the job server on 127.0.0.1) and two nodes of one CPU each, so
+    the two Train workers of a run sit on two nodes and a node can be taken away. ``restore()`` brings the nodes
+    back to two (the ``cluster`` fixtures of the test modules call it); ``dashboard`` is the job server's URL.
+    Ray's temp files live in a short folder (``RAY_TMPDIR``; socket paths must stay under 107 characters)."""
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+    from ray.job_submission import JobSubmissionClient
+
+    from vitvq.trainer.cluster import free_port
+    tmp = tempfile.mkdtemp(prefix="rc", dir="/tmp")
+    saved = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = tmp  # Cluster's address file goes to <RAY_TMPDIR>/ray; launched drivers find it
+    (Path(tmp) / "ray").mkdir()
+    c = None
+    try:
+        port = free_port()
+        # Ray's fixed default agent port (52365) would clash with any other head on this machine: pick a free one.
+        c = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 0, "temp_dir": f"{tmp}/ray", "include_dashboard": True, "dashboard_host": "127.0.0.1",
+            "dashboard_port": port, "dashboard_agent_listen_port": free_port()})
+        nodes = [c.add_node(num_cpus=1) for _ in range(2)]
+        c.wait_for_nodes()
+        ray.init(address=c.address)
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
+        while True:  # the dashboard's HTTP server comes up a few seconds after the head
+            try:
+                JobSubmissionClient(url)
+                break
+            except ConnectionError:
+                assert time.monotonic() < deadline, f"the Ray job server did not answer at {url} within 60 s"
+                time.sleep(0.5)
+
+        def restore() -> None:
+            nodes[:] = [n for n in nodes if n in c.worker_nodes]
+            while len(nodes) < 2:
+                nodes.append(c.add_node(num_cpus=1))
+            c.wait_for_nodes()
+
+        yield SimpleNamespace(cluster=c, nodes=nodes, address=c.address, dashboard=url, restore=restore)
+    finally:
+        ray.shutdown()
+        if c is not None:
+            c.shutdown()  # this cluster's processes only (never `ray stop`: it kills every Ray process on the host)
+        if saved is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = saved
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def stage1_reference(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """The uninterrupted run that Ray Train runs and interrupted runs are compared with: configs/stage1/debug.yaml
+    with :data:`DEBUG_RUN` on 2 torchrun ranks (two ZeRO-2 engines), once per session. ``out`` holds its
+    ``metrics.jsonl``; ``common`` are the overrides a compared run must use too."""
+    tmp = tmp_path_factory.mktemp("stage1-reference")
+    out = tmp / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "launch" / "train_stage1.py"), "--config", str(ROOT / "configs" / "stage1" / "debug.yaml"),
+           f"train.out_dir={out}", *DEBUG_RUN]
+    res = subprocess.run(cmd, env=launch_env(tmp), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-6000:]
+    return SimpleNamespace(out=out, common=DEBUG_RUN, env=launch_env(tmp))

@@ -1,14 +1,13 @@
 """trainer/eval_workers.py on a real Ray local cluster: results independent of the number of workers, rFID of a
 tokenizer checked by hand, shards and folders giving the same statistics, the asynchronous evaluator.
 
-One Ray cluster for the module (num_cpus=2; actors take 0.25 CPU so that pools of 1, 2 and 3 fit at once);
+The session's Ray cluster (``ray_cluster`` in tests/conftest.py: two 1-CPU nodes; actors take 0.25 CPU so that
+pools of 1, 2 and 3 fit at once);
 the extractor is the tiny random one, NOT comparable to published numbers (no Inception weights here).
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,16 +22,7 @@ from vitvq.evaluation.workers import Source, WorkerPool, compute_ref_stats, eval
 from vitvq.evaluation.metrics import RefStats
 
 CPUS = 0.25
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must stay under 107 chars
-    ray.init(num_cpus=2, _temp_dir=tmp, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()  # never `ray stop`: it would kill every Ray process on the machine
-    shutil.rmtree(tmp, ignore_errors=True)
+pytestmark = pytest.mark.e2e  # Ray actors on the session's cluster (ray_cluster, tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -85,7 +85,8 @@ def test_samples_do_not_depend_on_batch_size(exports, cli_run):
     assert len({im.tobytes() for im in one.images}) == 20  # 20 different images, not one repeated
 
 
-def test_two_ray_workers_give_the_same_npz(exports, cli_run, tmp_path: Path):
+@pytest.mark.e2e
+def test_two_ray_workers_give_the_same_npz(exports, cli_run, tmp_path: Path, ray_cluster):
     pytest.importorskip("ray")
     out = tmp_path / "ray.npz"
     main(["--prior", exports["prior"], "--tokenizer", exports["tok"], "--per-class", "2", "--cfg", "2.0",

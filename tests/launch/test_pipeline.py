@@ -70,6 +70,7 @@ def statuses(stdout: str) -> dict[str, str]:
     return rows
 
 
+@pytest.mark.e2e
 def test_runs_once_skips_on_rerun_and_reruns_what_a_changed_tokenizer_feeds(pipeline) -> None:
     # 1. Everything runs, once; each step's run is a child of the invocation's parent run.
     first = pipeline()

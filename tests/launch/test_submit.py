@@ -1,19 +1,16 @@
 """``launch/submit.py`` against a real Ray head on this machine: jobs submitted, followed, listed, stopped.
 
-One head serves the module (``ray.cluster_utils.Cluster``: its own processes, killed by ``shutdown()``, never
-``ray stop``), with the dashboard and job server on 127.0.0.1 at free ports and its temp files in a short folder
-under /tmp. Every call is the real command line in a subprocess, as a user types it.
+The session's Ray cluster serves the module (``ray_cluster`` in tests/conftest.py: ``ray.cluster_utils.Cluster``, its
+own processes, killed by ``shutdown()``, never ``ray stop``), with the dashboard and job server on 127.0.0.1 at free
+ports and its temp files in a short folder under /tmp. Every call is the real command line in a subprocess, as a user types it.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -24,42 +21,10 @@ ROOT = Path(__file__).resolve().parents[2]
 SUBMIT = str(ROOT / "launch" / "submit.py")
 
 
-@pytest.fixture(scope="module")
-def address() -> str:
-    """The job server of a 1-CPU head: http://127.0.0.1:PORT."""
-    pytest.importorskip("ray.dashboard.modules.job", reason="the Ray job server needs ray[default]")
-    from ray.cluster_utils import Cluster
-    from ray.job_submission import JobSubmissionClient
-    tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # socket paths must stay under 107 characters
-    saved = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = tmp  # Cluster writes its address file to <RAY_TMPDIR>/ray
-    (Path(tmp) / "ray").mkdir()
-    port, cluster = free_port(), None
-    try:
-        # Ray's fixed default agent port (52365) would clash with any other head on this machine: pick a free one.
-        cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 1, "temp_dir": f"{tmp}/ray", "include_dashboard": True, "dashboard_host": "127.0.0.1",
-            "dashboard_port": port, "dashboard_agent_listen_port": free_port()})
-        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
-        while True:  # the dashboard's HTTP server comes up a few seconds after the head
-            try:
-                JobSubmissionClient(url)
-                break
-            except ConnectionError:
-                if time.monotonic() > deadline:
-                    logs = sorted(Path(tmp).glob("ray/session_*/logs/dashboard.*"))
-                    pytest.skip(f"the Ray job server did not answer at {url} within 60 s; "
-                                f"{logs[0].read_text()[-2000:] if logs else 'no dashboard log'}")
-                time.sleep(0.5)
-        yield url
-    finally:
-        if cluster is not None:
-            cluster.shutdown()
-        if saved is None:
-            os.environ.pop("RAY_TMPDIR", None)
-        else:
-            os.environ["RAY_TMPDIR"] = saved
-        shutil.rmtree(tmp, ignore_errors=True)
+@pytest.fixture
+def address(ray_cluster) -> str:
+    """The job server of the session's Ray cluster (tests/conftest.py): http://127.0.0.1:PORT."""
+    return ray_cluster.dashboard
 
 
 def cli(address: str, *args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -96,6 +61,7 @@ def test_redact() -> None:
     assert looks_secret("X-Amz-Security-Token") and looks_secret("sig")
 
 
+@pytest.mark.e2e
 def test_job_succeeds_and_logs_read_back(address: str, tmp_path: Path) -> None:
     (tmp_path / "data.txt").write_text("uploaded")
     for private in ("runs/big.bin", ".venv/lib.so", ".git/HEAD", "mlflow.db", ".env"):
@@ -113,6 +79,7 @@ def test_job_succeeds_and_logs_read_back(address: str, tmp_path: Path) -> None:
     assert logs.returncode == 0 and "hello from the job uploaded" in logs.stdout, logs.all
 
 
+@pytest.mark.e2e
 def test_failing_job_exits_non_zero(address: str, tmp_path: Path) -> None:
     res = cli(address, "--working-dir", str(tmp_path), "--no-package", "--",
               "python", "-c", "import sys; print('about to fail'); sys.exit(3)")
@@ -120,6 +87,7 @@ def test_failing_job_exits_non_zero(address: str, tmp_path: Path) -> None:
     assert "about to fail" in res.stdout and re.search(r"raysubmit_\w+ FAILED \(exit code 3\)", res.stderr), res.all
 
 
+@pytest.mark.e2e
 def test_no_wait_status_stop(address: str, tmp_path: Path) -> None:
     res = cli(address, "--working-dir", str(tmp_path), "--no-package", "--no-wait", "--",
               "python", "-c", "import time; print('sleeping', flush=True); time.sleep(120)")
@@ -137,6 +105,7 @@ def test_no_wait_status_stop(address: str, tmp_path: Path) -> None:
     assert unknown.returncode == 1 and "raysubmit_nosuchjob" in unknown.stderr, unknown.all
 
 
+@pytest.mark.e2e
 def test_env_reaches_ray_workers_and_secrets_stay_hidden(address: str, tmp_path: Path) -> None:
     # The driver joins through launch/ray_train.py's ray_cluster(), which passes VITVQ_* as env_vars again.
     code = ("import os, ray; from vitvq.trainer.ray_train import ray_cluster\n"

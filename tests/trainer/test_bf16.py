@@ -49,6 +49,7 @@ import torch
 from vitvq.models.losses import adaptive_weight, gan_d_loss, gan_g_loss, logit_laplace_nll, r1_penalty
 from vitvq.trainer.config import load_stage1_config
 
+pytestmark = pytest.mark.e2e  # 2-rank DeepSpeed runs
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("bf16_worker.py")
 

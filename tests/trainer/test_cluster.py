@@ -1,8 +1,8 @@
 """What a multi-node run needs (``trainer/cluster.py``), a SIGTERM to a Ray Train worker, evaluation actors outside
 Train's placement group, and what a local Ray cluster listens on; all on real Ray clusters.
 
-One ``ray.cluster_utils.Cluster`` serves the module: a head without CPUs and two 1-CPU nodes on this machine (they
-share its disk). This process is a driver connected to it. A folder that one node cannot see is made real with a
+The session's ``ray.cluster_utils.Cluster`` serves the module (``ray_cluster`` in tests/conftest.py): a head without
+CPUs and two 1-CPU nodes on this machine (they share its disk). This process is a driver connected to it. A folder that one node cannot see is made real with a
 third node started by ``ray start`` inside its own mount namespace (``unshare -m``) where a tmpfs covers the folder:
 the same path, another file system, which is what a node-local disk is. Ray's temp files live in a short temp
 folder (``RAY_TMPDIR``) and Ray Train's timeouts are lowered, as in ``test_ray_train.py``.
@@ -17,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,20 +30,10 @@ RECIPE = str(ROOT / "configs/stage1/debug.yaml")
 # window, whose per-rank pools come back from the rank files.
 COMMON = ("train.progress=false", "train.val_every=0", "train.image_every=100", "data.mode=epoch",
           "data.shuffle_buffer=16")
-LOSSES = ("train/total_loss", "train/rec_loss", "train/g_loss", "train/disc_loss", "train/quant_loss")
 RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}
 
 
 # -- helpers --------------------------------------------------------------------------------------
-def losses(out: Path) -> dict[int, dict[str, float]]:
-    rows = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "train/total_loss" in row:
-            rows[row["step"]] = {k: row[k] for k in LOSSES}
-    return rows
-
-
 def children(pid: int) -> list[int]:
     """Every process below ``pid`` (from /proc)."""
     kids: dict[int, list[int]] = {}
@@ -71,32 +60,12 @@ def cmdline(pid: int) -> str:
 
 
 # -- fixtures -------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def cluster():
-    """(cluster, [node_a, node_b]), with this process connected to it as a driver."""
-    import ray
-    from ray.cluster_utils import Cluster
-    tmp = tempfile.mkdtemp(prefix="rc", dir="/tmp")
-    saved = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = tmp
-    (Path(tmp) / "ray").mkdir()
-    c = None
-    try:
-        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": f"{tmp}/ray",
-                                                          "include_dashboard": False})
-        nodes = [c.add_node(num_cpus=1) for _ in range(2)]
-        c.wait_for_nodes()
-        ray.init(address=c.address)
-        yield c, nodes
-    finally:
-        ray.shutdown()
-        if c is not None:
-            c.shutdown()  # this cluster's processes only (never `ray stop`)
-        if saved is None:
-            os.environ.pop("RAY_TMPDIR", None)
-        else:
-            os.environ["RAY_TMPDIR"] = saved
-        shutil.rmtree(tmp, ignore_errors=True)
+@pytest.fixture
+def cluster(ray_cluster) -> tuple:
+    """(cluster, [node_a, node_b]) of the session's Ray cluster (tests/conftest.py), this process connected to it as a
+    driver."""
+    ray_cluster.restore()
+    return ray_cluster.cluster, ray_cluster.nodes
 
 
 @pytest.fixture
@@ -105,6 +74,7 @@ def no_tracking_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # -- secrets --------------------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_a_config_dump_and_params_carry_no_secret(tmp_path: Path, make_launch_env) -> None:
     from mlflow.tracking import MlflowClient
     from vitvq.trainer.cluster import redact_config
@@ -142,6 +112,7 @@ def test_the_closing_summary_prints_no_credentials(capsys: pytest.CaptureFixture
 
 
 # -- the multi-node checks ------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_folders_every_node_sees_pass_and_leave_no_token(cluster, tmp_path: Path) -> None:
     from vitvq.trainer.cluster import alive_nodes, check_multinode, check_visible_everywhere
     assert len(alive_nodes()) == 2  # the head has no CPUs: it hosts drivers, not workers
@@ -155,6 +126,7 @@ def test_folders_every_node_sees_pass_and_leave_no_token(cluster, tmp_path: Path
     check_multinode({"train.out_dir": out}, "http://mlflow.internal:5000")
 
 
+@pytest.mark.e2e
 def test_the_launcher_refuses_a_relative_tracking_store_before_training(cluster, no_tracking_env, tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from vitvq.launch.ray_train import main
@@ -165,6 +137,7 @@ def test_the_launcher_refuses_a_relative_tracking_store_before_training(cluster,
     assert not (tmp_path / "out" / "ray").exists() and not (tmp_path / "mlflow.db").exists()  # nothing started
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("uri", [None, "sqlite:///mlflow.db", "file:./mlruns", "mlruns"])
 def test_a_relative_tracking_store_is_refused_on_several_nodes(cluster, no_tracking_env, uri) -> None:
     from vitvq.trainer.cluster import ClusterCheckError, check_tracking
@@ -178,6 +151,7 @@ def test_a_relative_tracking_store_is_refused_on_several_nodes(cluster, no_track
         assert "MLflow's default" in msg
 
 
+@pytest.mark.e2e
 def test_a_tracking_uri_with_credentials_passes_and_is_redacted_in_messages(cluster, monkeypatch) -> None:
     from vitvq.trainer.cluster import ClusterCheckError, check_tracking
     check_tracking("https://alice:s3cret@mlflow.example:5000")  # a server: the same for every node
@@ -187,6 +161,7 @@ def test_a_tracking_uri_with_credentials_passes_and_is_redacted_in_messages(clus
     assert "token=***" in str(e.value) and "s3cret" not in str(e.value) and "(MLFLOW_TRACKING_URI)" in str(e.value)
 
 
+@pytest.mark.e2e
 def test_evaluation_actors_made_in_a_train_worker_sit_outside_its_placement_group(cluster, tmp_path: Path) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -211,17 +186,15 @@ def test_evaluation_actors_made_in_a_train_worker_sit_outside_its_placement_grou
     assert result.return_value == {"worker_in_group": True, "actor_outside": True}
 
 
-def test_sigterm_to_a_ray_worker_saves_the_step_and_the_run_resumes_it(cluster, tmp_path: Path,
-                                                                       make_launch_env) -> None:
+@pytest.mark.e2e
+def test_sigterm_to_a_ray_worker_saves_the_step_and_the_run_resumes_it(cluster, tmp_path: Path, make_launch_env,
+                                                                       stage1_reference, losses) -> None:
     """SIGTERM to one Train worker process (what a preempted node's shutdown sends): both ranks finish the step and
     save it, Ray restarts the group, it resumes from that checkpoint and ends with the losses of a run that was not
-    interrupted (torchrun, same ranks, bit for bit)."""
+    interrupted (the session's torchrun run, same ranks, bit for bit)."""
     c, nodes = cluster
-    ref = tmp_path / "torchrun"
-    env = {**make_launch_env(tmp_path / "mlflow-ref"), **RAY_ENV}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    str(ROOT / "launch" / "train_stage1.py"), "--config", RECIPE, f"train.out_dir={ref}", *COMMON],
-                   env=env, capture_output=True, text=True, timeout=300, check=True)
+    assert COMMON == stage1_reference.common
+    ref = stage1_reference.out
     out, log_file = tmp_path / "out", tmp_path / "log"
     env = {**make_launch_env(tmp_path / "mlflow"), **RAY_ENV}
     cmd = [sys.executable, str(ROOT / "launch" / "ray_train.py"), "--config", RECIPE, "--workers", "2",
@@ -267,6 +240,7 @@ def listeners(port: int) -> list[str]:
     return found
 
 
+@pytest.mark.e2e
 def test_a_local_cluster_keeps_its_dashboard_on_localhost_and_needs_no_shared_storage(tmp_path: Path) -> None:
     """``ray_cluster()`` with no address: the dashboard (the job API, which runs any command it is sent) listens on
     127.0.0.1 only; one node needs no shared storage nor a tracking server. (Ray 2.60's GCS, raylet, agents and
@@ -299,6 +273,7 @@ with ray_cluster(num_cpus=1):
 
 
 # -- last: a third node that sees another file system at the same path ---------------------------
+@pytest.mark.e2e
 def test_a_folder_one_node_cannot_see_is_refused_naming_it_and_the_node(cluster, tmp_path: Path) -> None:
     from vitvq.trainer.cluster import ClusterCheckError, alive_nodes, check_multinode
     if os.geteuid() != 0 or shutil.which("unshare") is None:

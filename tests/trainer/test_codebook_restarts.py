@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.e2e  # 2-rank DeepSpeed runs
 WORKER = Path(__file__).with_name("restart_worker.py")
 CONFIGS = ("0:fp32", "1:fp32", "1:bf16", "2:fp32", "2:bf16")
 

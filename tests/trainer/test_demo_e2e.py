@@ -15,6 +15,7 @@ import torch
 from vitvq.models.tokenizer import Tokenizer
 from vitvq.trainer.checkpoint import tag_of
 
+pytestmark = pytest.mark.e2e  # the README's main job
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_METRICS = ("train/total_loss", "train/rec_loss", "train/perceptual_loss", "train/quant_loss", "train/g_loss",
                  "train/disc_loss", "train/d_weight", "train/codebook_usage", "train/perplexity", "train/lr",

@@ -17,6 +17,7 @@ from vitvq.models.tokenizer import Tokenizer
 from vitvq.trainer.checkpoint import tag_of
 from vitvq.trainer.export import export_checkpoint
 
+pytestmark = pytest.mark.e2e  # 2-rank DeepSpeed runs
 WORKER = Path(__file__).with_name("export_worker.py")
 CONFIGS = ("0:fp32", "1:fp32", "1:bf16", "2:fp32", "2:bf16")
 

@@ -83,6 +83,7 @@ from vitvq.models.perceptual import PerceptualLoss
 from vitvq.models.tokenizer import Tokenizer
 from vitvq.trainer.config import load_stage1_config
 
+pytestmark = pytest.mark.e2e  # 2-rank DeepSpeed runs
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("parity_worker.py")
 _spec = importlib.util.spec_from_file_location("parity_worker", WORKER)

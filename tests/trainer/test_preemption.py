@@ -15,10 +15,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from vitvq.trainer.checkpoint import latest_file, meta_file, step_of, tag_of
 
+pytestmark = pytest.mark.e2e  # 2-rank DeepSpeed runs
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / "launch" / "train_stage1.py"
 STEPS = 40

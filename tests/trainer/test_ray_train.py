@@ -1,22 +1,21 @@
 """Training on Ray Train V2 (``launch/ray_train.py``, ``trainer/ray_train.py``) on a real multi-node Ray cluster.
 
-One cluster serves the module: a head without CPUs and two nodes of one CPU each (``ray.cluster_utils.Cluster``
-on this machine), so the two Train workers of a run sit on two nodes, as on a real cluster, and a node can be
-taken away. Every run is the real launcher joining that cluster (``--address``) in a subprocess, on the debug
+The session's cluster serves the module (``ray_cluster`` in tests/conftest.py): a head without CPUs and two nodes of
+one CPU each (``ray.cluster_utils.Cluster`` on this machine), so the two Train workers of a run sit on two nodes, as
+on a real cluster, and a node can be taken away. Every run is the real launcher joining that cluster (``--address``) in a subprocess, on the debug
 recipe with two DeepSpeed ZeRO-2 engines; losses are compared through the ``metrics.jsonl`` the Trainer writes,
 and each test's MLflow store (SQLite in tmp) is read back. Ray Train's timeouts are lowered (``RAY_ENV``) and
-Ray's temp files live in a short temp folder (``RAY_TMPDIR``; socket paths must stay under 107 characters).
+Ray's temp files live in a short temp folder (``RAY_TMPDIR``; socket paths must stay under 107 characters). The
+2-worker run against 2 torchrun ranks is the quick tier's Ray Train run; the faults are the full tier's (``e2e``).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,7 +28,6 @@ ROOT = Path(__file__).resolve().parents[2]
 RECIPE = str(ROOT / "configs/stage1/debug.yaml")
 COMMON = ("train.progress=false", "train.val_every=0", "train.image_every=100", "data.mode=epoch",
           "data.shuffle_buffer=16")
-LOSSES = ("train/total_loss", "train/rec_loss", "train/g_loss", "train/disc_loss", "train/quant_loss")
 RAY_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",  # the controller polls workers (and registers reports) this often
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15",  # after a node loss the first restart may wait this out
@@ -37,16 +35,6 @@ RAY_ENV = {
 
 
 # -- helpers --------------------------------------------------------------------------------------
-def losses(out: Path) -> dict[int, dict[str, float]]:
-    """Per step, the last logged values (a restarted run logs the steps it redoes again)."""
-    rows = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "train/total_loss" in row:
-            rows[row["step"]] = {k: row[k] for k in LOSSES}
-    return rows
-
-
 def the_run(env: dict) -> tuple[object, object]:
     """(client, run) of the one MLflow run in the store of ``env`` (asserting there is exactly one)."""
     from mlflow.tracking import MlflowClient
@@ -74,29 +62,12 @@ def run(cmd: list[str], env: dict, check: bool = True) -> subprocess.CompletedPr
 
 
 # -- fixtures -------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def cluster():
-    """(cluster, [node_a, node_b]): a head with no CPUs (drivers and Train's controller) and two 1-CPU nodes."""
-    from ray.cluster_utils import Cluster
-    tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    saved = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = tmp  # Ray's default temp dir becomes <tmp>/ray: Cluster's address file goes there
-    (Path(tmp) / "ray").mkdir()
-    c = None
-    try:
-        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": f"{tmp}/ray",
-                                                          "include_dashboard": False})
-        nodes = [c.add_node(num_cpus=1) for _ in range(2)]
-        c.wait_for_nodes()
-        yield c, nodes
-    finally:
-        if c is not None:
-            c.shutdown()  # stops this cluster's processes only (never `ray stop`)
-        if saved is None:
-            os.environ.pop("RAY_TMPDIR", None)
-        else:
-            os.environ["RAY_TMPDIR"] = saved
-        shutil.rmtree(tmp, ignore_errors=True)
+@pytest.fixture
+def cluster(ray_cluster) -> tuple:
+    """(cluster, [node_a, node_b]) of the session's Ray cluster (tests/conftest.py): a head without CPUs and two 1-CPU
+    nodes, whatever an earlier test took away."""
+    ray_cluster.restore()
+    return ray_cluster.cluster, ray_cluster.nodes
 
 
 @pytest.fixture(scope="module")
@@ -108,19 +79,17 @@ def env_for(make_launch_env, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
-def torchrun_straight(tmp_path_factory: pytest.TempPathFactory, env_for) -> Path:
-    out = tmp_path_factory.mktemp("torchrun") / "out"
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(ROOT / "launch" / "train_stage1.py"), "--config", RECIPE, f"train.out_dir={out}", *COMMON],
-        env_for("torchrun"))
-    return out
+def torchrun_straight(stage1_reference: SimpleNamespace) -> Path:
+    assert COMMON == stage1_reference.common
+    return stage1_reference.out
 
 
 @pytest.fixture(scope="module")
-def ray_straight(cluster, tmp_path_factory: pytest.TempPathFactory, env_for) -> SimpleNamespace:
+def ray_straight(ray_cluster, tmp_path_factory: pytest.TempPathFactory, env_for) -> SimpleNamespace:
     out = tmp_path_factory.mktemp("ray") / "out"
     env = env_for("ray")
-    res = run(ray_cmd(cluster[0].address, out, "2", "train.keep_last=1"), env)
+    ray_cluster.restore()
+    res = run(ray_cmd(ray_cluster.address, out, "2", "train.keep_last=1"), env)
     return SimpleNamespace(out=out, env=env, res=res)
 
 
@@ -159,7 +128,8 @@ def test_the_stage_comes_from_the_recipe_folder_or_the_one_schema_that_loads_it(
 
 # -- on the cluster -------------------------------------------------------------------------------
 def test_two_ray_workers_log_the_losses_of_the_same_run_under_torchrun(torchrun_straight: Path,
-                                                                       ray_straight: SimpleNamespace) -> None:
+                                                                       ray_straight: SimpleNamespace, losses) -> None:
+    """The quick tier's DeepSpeed and Ray Train runs: 2 torchrun ranks, then 2 Ray Train workers on two nodes."""
     want, got = losses(torchrun_straight), losses(ray_straight.out)
     assert sorted(want) == list(range(1, 9))
     assert got == want  # bit for bit: the same ranks, data shards, seeds and collectives
@@ -178,8 +148,9 @@ def test_two_ray_workers_log_the_losses_of_the_same_run_under_torchrun(torchrun_
     assert history(client, mlrun, "sys/restarts") == [(0, 0.0)]
 
 
+@pytest.mark.e2e
 def test_a_worker_crash_restarts_from_the_checkpoint_in_one_mlflow_run(cluster, ray_straight: SimpleNamespace,
-                                                                       tmp_path: Path, env_for) -> None:
+                                                                       tmp_path: Path, env_for, losses) -> None:
     out, marker = tmp_path / "out", tmp_path / "fault-fired"
     env = {**env_for("crash"), "VITVQ_INJECT_FAULT": "step@6", "VITVQ_INJECT_FAULT_ONCE": str(marker)}
     res = run(ray_cmd(cluster[0].address, out, "2", "--max-failures", "1"), env)
@@ -197,7 +168,9 @@ def test_a_worker_crash_restarts_from_the_checkpoint_in_one_mlflow_run(cluster, 
     assert [s for s, _ in history(client, mlrun, "train/total_loss")] == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8]
 
 
-def test_a_lost_node_continues_on_one_worker_with_the_same_global_batch(cluster, tmp_path: Path, env_for) -> None:
+@pytest.mark.e2e
+def test_a_lost_node_continues_on_one_worker_with_the_same_global_batch(cluster, tmp_path: Path, env_for,
+                                                                        losses) -> None:
     c, nodes = cluster
     out, env = tmp_path / "out", env_for("elastic")
     cmd = ray_cmd(c.address, out, "1-2", "--max-failures", "1", "train.steps=12")

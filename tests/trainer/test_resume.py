@@ -17,6 +17,7 @@ import torch
 
 from vitvq.trainer.checkpoint import latest_file, meta_file, rank_file, tag_of
 
+pytestmark = pytest.mark.e2e  # 2-rank DeepSpeed runs
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / "launch" / "train_stage1.py"
 LOSSES = ("train/total_loss", "train/rec_loss", "train/g_loss", "train/disc_loss", "train/quant_loss")
@@ -37,16 +38,6 @@ def launch(out: Path, env: dict, ranks: int, *overrides: str, fault: str | None 
     return res
 
 
-def losses(out: Path) -> dict[int, dict[str, float]]:
-    """Per step, the last logged values (a resumed run re-logs the steps it redoes)."""
-    rows = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "train/total_loss" in row:  # validation rows carry val/* only
-            rows[row["step"]] = {k: row[k] for k in LOSSES}
-    return rows
-
-
 def latest(out: Path) -> str:
     return latest_file(out / "checkpoints").read_text().strip()
 
@@ -64,7 +55,7 @@ def torchrun_env(tmp_path_factory: pytest.TempPathFactory, make_launch_env) -> d
 
 
 def test_stop_resume_and_crash_during_save_give_the_uninterrupted_losses(straight: Path, tmp_path: Path,
-                                                                          torchrun_env: dict) -> None:
+                                                                          torchrun_env: dict, losses) -> None:
     want = losses(straight)
     assert sorted(want) == list(range(1, 9))
     out = tmp_path / "interrupted"
@@ -94,7 +85,7 @@ def test_stop_resume_and_crash_during_save_give_the_uninterrupted_losses(straigh
         assert torch.equal(a[k], b[k]), k
 
 
-def test_two_rank_checkpoint_resumes_on_one_rank(straight: Path, tmp_path: Path, torchrun_env: dict) -> None:
+def test_two_rank_checkpoint_resumes_on_one_rank(straight: Path, tmp_path: Path, torchrun_env: dict, losses) -> None:
     import shutil
     out = tmp_path / "shrunk"
     shutil.copytree(straight, out)
@@ -121,7 +112,7 @@ def test_a_resumed_run_does_not_initialise_the_codebook_again(tmp_path: Path, to
 
 
 def test_a_resume_between_two_codebook_restarts_restarts_the_same_codes(straight: Path, tmp_path: Path,
-                                                                         torchrun_env: dict) -> None:
+                                                                         torchrun_env: dict, losses) -> None:
     """The debug recipe checks for dead codes every 2 steps and draws their new vectors from each rank's pool of
     recent encoder outputs. A checkpoint at step 3 sits between two checks: the pools must come back with it (each
     rank's file), or the restarts at step 4 differ (or do not happen) and so does everything after."""

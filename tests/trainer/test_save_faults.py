@@ -47,16 +47,6 @@ def environment(env: dict, fault: str | None) -> dict:
     return {**env, "VITVQ_INJECT_FAULT": fault} if fault else env
 
 
-def losses(out: Path) -> dict[int, dict[str, float]]:
-    """Per step, the last logged values (a resumed run re-logs the steps it redoes)."""
-    rows = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "train/total_loss" in row:
-            rows[row["step"]] = {k: row[k] for k in LOSSES}
-    return rows
-
-
 def latest(out: Path) -> str | None:
     pointer = latest_file(out / "checkpoints")
     return pointer.read_text().strip() if pointer.is_file() else None
@@ -89,6 +79,7 @@ def slowed(tmp_path_factory: pytest.TempPathFactory, env: dict) -> tuple[Path, l
     return out, seen
 
 
+@pytest.mark.e2e
 def test_a_slow_rank_delays_latest_until_its_files_are_written(slowed: tuple[Path, list[dict]]) -> None:
     out, seen = slowed
     root = out / "checkpoints"
@@ -108,8 +99,9 @@ def test_a_slow_rank_delays_latest_until_its_files_are_written(slowed: tuple[Pat
         assert p.stat().st_mtime >= last, f"{p.name} written {last - p.stat().st_mtime:.2f} s before rank 1's files"
 
 
+@pytest.mark.e2e
 def test_a_rank_killed_during_a_save_leaves_the_previous_checkpoint_latest(
-        slowed: tuple[Path, list[dict]], env: dict, tmp_path: Path) -> None:
+        slowed: tuple[Path, list[dict]], env: dict, tmp_path: Path, losses) -> None:
     want = losses(slowed[0])
     assert sorted(want) == list(range(1, 9))
     out = tmp_path / "killed"

@@ -46,35 +46,28 @@ def launch(out: Path, env: dict, ranks: int, data: dict, *overrides: str, fault:
     return res
 
 
-def losses(out: Path) -> dict[int, dict[str, float]]:
-    rows = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "train/loss" in row:
-            rows[row["step"]] = {k: row[k] for k in LOSSES}
-    return rows
-
-
+@pytest.mark.e2e
 def test_resume_after_a_crash_gives_the_uninterrupted_losses(tmp_path: Path, stage2_data: dict,
-                                                             torchrun_env: dict) -> None:
+                                                             torchrun_env: dict, losses) -> None:
     """Label dropout, token and residual dropout on (the debug preset's 0.1): the resumed run must draw the same."""
     common = ("train.tracking=false", "train.val_every=0", "train.image_every=100", "tokens.mode=epoch")
     straight = tmp_path / "straight"
     launch(straight, torchrun_env, 2, stage2_data, *common)
-    want = losses(straight)
+    want = losses(straight, LOSSES)
     assert sorted(want) == list(range(1, 9))
     out = tmp_path / "interrupted"
     res = launch(out, torchrun_env, 2, stage2_data, *common, fault="step@6", check=False)
     assert res.returncode != 0 and "injected fault step@6" in res.stderr
     assert latest_file(out / "checkpoints").read_text().strip() == tag_of(4)
     launch(out, torchrun_env, 2, stage2_data, *common)
-    got = losses(out)
+    got = losses(out, LOSSES)
     assert got == want, f"resumed losses differ:\n{got}\n{want}"
     assert Prior.load_export(out / "prior.pt").cfg == Prior.load_export(straight / "prior.pt").cfg
     a, b = (torch.load(p / "prior.pt", weights_only=False)["state_dict"] for p in (out, straight))
     assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run's final weights differ"
 
 
+@pytest.mark.e2e
 def test_each_rank_draws_its_own_dropout_masks(tmp_path: Path, stage2_data: dict, run_on_two_ranks) -> None:
     """The models are initialised alike on every rank, but training's draws (dropout, label noise aside) must not
     be: one torch seed on every rank would give every micro-batch of a global batch the same dropout masks."""
@@ -116,6 +109,7 @@ def test_missing_tokenizer_says_what_to_give(stage2_data: dict, tmp_path: Path) 
         _task(stage2_data, f"tokenizer={tmp_path / 'nope.pt'}")
 
 
+@pytest.mark.e2e
 def test_demo_recipe_records_everything_in_mlflow(tmp_path: Path, stage2_demo_data: dict, make_launch_env) -> None:
     """The README's stage-2 command at a reduced step count, one process, into a real MLflow store."""
     from vitvq.trainer.tracking import mlflow_client

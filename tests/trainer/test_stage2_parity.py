@@ -33,6 +33,7 @@ from vitvq.models.prior import Prior
 from vitvq.trainer.config import load_job_config
 from vitvq.trainer.stage2 import Stage2Config
 
+pytestmark = pytest.mark.e2e  # 2-rank DeepSpeed runs
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).parent
 

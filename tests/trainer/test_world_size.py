@@ -22,6 +22,7 @@ import torch
 
 from vitvq.trainer.checkpoint import latest_file, rank_file, tag_of
 
+pytestmark = pytest.mark.e2e  # 2-rank DeepSpeed runs
 WORKER = Path(__file__).with_name("world_size_worker.py")
 STEPS, SAVED = 14, 6  # the source checkpoint: step 6, in epoch 1 on either size
 
