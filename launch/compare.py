@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 
-from vitvq.trainer.cluster import redact
+from vitvq.configs.redact import redact
 from vitvq.trainer.tracking import mlflow_client  # (MLflow itself is imported only there)
 
 # The stage-1 names runs are compared on (issue 4); a name no run logged is left out of the table.

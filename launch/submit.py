@@ -13,7 +13,7 @@ is uploaded and the command runs in it on the head; this checkout's ``vitvq`` pa
 ``py_modules``), so the cluster runs the code you have here whether or not it has vitvq installed
 (``--no-package``: use the cluster's own). ``--env NAME=VALUE`` (or ``--env NAME``, taking the value from here, which
 keeps secrets off the command line) reaches the job and every Ray worker it starts. Values whose names look secret,
-and credentials inside URIs, are never printed (``vitvq.trainer.cluster.redact``); Ray still stores env values in
+and credentials inside URIs, are never printed (``vitvq.configs.redact``); Ray still stores env values in
 the job's record.
 The job runs in Ray's copy of the working directory, deleted with the session: give ``train.out_dir`` and
 ``MLFLOW_TRACKING_URI`` as paths on storage every node sees, or a tracking server, never relative ones.
@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
-from vitvq.trainer.cluster import redact
+from vitvq.configs.redact import redact
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"

@@ -213,7 +213,7 @@ def ray_cluster():
     from ray.cluster_utils import Cluster
     from ray.job_submission import JobSubmissionClient
 
-    from vitvq.trainer.cluster import free_port
+    from vitvq.trainer.engine import free_port
     tmp = tempfile.mkdtemp(prefix="rc", dir="/tmp")
     saved = os.environ.get("RAY_TMPDIR")
     os.environ["RAY_TMPDIR"] = tmp  # Cluster's address file goes to <RAY_TMPDIR>/ray; launched drivers find it

@@ -8,7 +8,7 @@ import sys
 from typing import Any, Optional
 
 from vitvq.configs import ConfigError
-from vitvq.trainer.cluster import redact
+from vitvq.configs.redact import redact
 from vitvq.trainer.config import C, load_job_config
 
 

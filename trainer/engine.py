@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -24,7 +25,6 @@ import torch
 import torch.distributed as dist
 from deepspeed.checkpoint import UNIVERSAL_CHECKPOINT_INFO
 
-from vitvq.trainer.cluster import free_port
 from vitvq.trainer.config import OptimConfig, TrainConfig
 from vitvq.trainer.parallelize import compute_dtype
 
@@ -39,6 +39,14 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` now, chosen by the OS (the process group's MASTER_PORT, Ray dashboards,
+    tests' job servers). Free only until someone else binds it: use it at once."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def init_distributed(timeout_s: float = 1800) -> DistInfo:

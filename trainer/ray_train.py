@@ -30,7 +30,8 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 from vitvq.configs import from_dict, to_dict
 from vitvq.trainer.checkpoint import CheckpointManager
-from vitvq.trainer.cluster import check_multinode, check_visible_everywhere, free_port
+from vitvq.trainer.cluster import check_multinode, check_visible_everywhere
+from vitvq.trainer.engine import free_port
 from vitvq.trainer.task import stage_classes
 
 POINTER_FILE = "vitvq_checkpoint.json"

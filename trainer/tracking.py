@@ -36,7 +36,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from vitvq.trainer.cluster import redact, redact_config
+from vitvq.configs.redact import redact, redact_config
 
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # before mlflow is imported; see the docstring
@@ -171,7 +171,7 @@ class MLflowTracker(Tracker):
     def log_params(self, flat: dict[str, Any]) -> None:
         from mlflow.entities import Param
         new, changed = {}, {}
-        for key, value in redact_config(flat).items():  # no secret becomes a param (trainer/cluster.py decides)
+        for key, value in redact_config(flat).items():  # no secret becomes a param (configs/redact.py decides)
             key, value = clean_key(key), clip(value, param_limit())
             if key not in self._params:
                 new[key] = value

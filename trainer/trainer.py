@@ -25,7 +25,7 @@ from tqdm import tqdm
 from vitvq.configs import flatten, to_dict
 from vitvq.trainer.checkpoint import (CheckpointManager, check_shared_folder, latest_file, maybe_fault, rank_file,
                                       set_rng_state)
-from vitvq.trainer.cluster import redact_config
+from vitvq.configs.redact import redact_config
 from vitvq.trainer.config import config_hash
 from vitvq.trainer.engine import (all_reduce_sum, any_rank, barrier, build_engine, init_distributed,
                                   shutdown_distributed)

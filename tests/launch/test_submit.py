@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from vitvq.trainer.cluster import free_port, looks_secret, redact
+from vitvq.configs.redact import looks_secret, redact
+from vitvq.trainer.engine import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SUBMIT = str(ROOT / "launch" / "submit.py")

@@ -77,7 +77,7 @@ def no_tracking_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.e2e
 def test_a_config_dump_and_params_carry_no_secret(tmp_path: Path, make_launch_env) -> None:
     from mlflow.tracking import MlflowClient
-    from vitvq.trainer.cluster import redact_config
+    from vitvq.configs.redact import redact_config
     flat = {"data.train_shards": "pipe:curl -s https://user:pw@host/x-{000..009}.tar",
             "data.val_shards": "https://bucket.s3/x.tar?X-Amz-Signature=beef&X-Amz-Expires=60",
             "hub.api_key": "k123", "prior.token_dropout": 0.1, "tokens.train_tokens": "/t/idx.json",
