@@ -69,8 +69,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if args.plan:
         pipe.plan()
         return {}
-    from vitvq.trainer.cluster import ClusterCheckError
-    from vitvq.trainer.ray_train import ray_cluster
+    from vitvq.launch.orchestration.cluster import ClusterCheckError
+    from vitvq.launch.orchestration.ray_train import ray_cluster
     with ray_cluster(args.address):
         try:
             results = pipe.run()

@@ -46,7 +46,7 @@ def detect_stage(path: str, overrides: list[str]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> Any:
-    from vitvq.trainer import ray_train
+    from vitvq.launch.orchestration import ray_train
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="recipe YAML, e.g. configs/stage1/debug.yaml")
     parser.add_argument("--workers", default="1", help="N, or MIN-MAX for an elastic run (default 1)")
@@ -72,7 +72,7 @@ def main(argv: Optional[list[str]] = None) -> Any:
     most = workers[1] if isinstance(workers, tuple) else workers
     with ray_train.ray_cluster(args.address, num_cpus=most * args.cpus_per_worker):
         from ray.train import TrainingFailedError
-        from vitvq.trainer.cluster import ClusterCheckError
+        from vitvq.launch.orchestration.cluster import ClusterCheckError
         try:
             result = ray_train.fit(cfg, workers, gpus_per_worker=args.gpus_per_worker,
                                    cpus_per_worker=args.cpus_per_worker, storage=args.storage, name=args.name,

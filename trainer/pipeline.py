@@ -1,7 +1,7 @@
 """The whole pipeline in one submission: stage 1 -> export -> token encoding -> stage 2 -> sampling -> gFID/IS.
 
 ``launch/pipeline.py --config configs/pipeline/<name>.yaml`` runs it on a Ray cluster (a local one by default).
-Each step runs with its own resources: the two trainings as Ray Train runs (``trainer/ray_train.fit``, the same
+Each step runs with its own resources: the two trainings as Ray Train runs (``launch/orchestration/ray_train.fit``, the same
 as ``launch/ray_train.py``), the export as a Ray task, and encoding, reference statistics, sampling and gFID on
 their own Ray actor pools (``evaluation/pool.py``), as their launchers run them.
 
@@ -37,7 +37,7 @@ from vitvq.configs import flatten, to_dict
 from vitvq.data.shards import sha256_file
 from vitvq.models.tokens import check_prior_fits
 from vitvq.trainer.config import load_job_config
-from vitvq.trainer.lineage import lineage_hash, read_manifest, training_key, write_manifest
+from vitvq.launch.orchestration.lineage import lineage_hash, read_manifest, training_key, write_manifest
 from vitvq.trainer.pipeline_config import (EncodeStep, GfidStep, PipelineConfig, SampleStep, TrainStep,
                                            load_pipeline_config)
 
@@ -90,9 +90,9 @@ class Pipeline:
         check_prior_fits(s2.prior, s1.model.token_facts(), source="the stage-1 tokenizer", fix="stage2.overrides: [{}]",
                          what=f"stage2: the prior of {c.stage2.recipe} does not fit the stage-1 tokenizer of "
                               f"{c.stage1.recipe}")
-        from vitvq.trainer.ray_train import parse_workers
+        from vitvq.launch.orchestration.ray_train import parse_workers
         for name, step, scfg in (("stage1", c.stage1, s1), ("stage2", c.stage2, s2)):
-            from vitvq.trainer.ray_train import check_request
+            from vitvq.launch.orchestration.ray_train import check_request
             try:
                 check_request(scfg.train, parse_workers(step.workers), step.gpus_per_worker)
             except ValueError as e:
@@ -181,7 +181,7 @@ class Pipeline:
         return over
 
     def train(self, name: str, step: TrainStep, cls: type, extra: list[str], folder: Path) -> dict[str, Any]:
-        from vitvq.trainer import ray_train
+        from vitvq.launch.orchestration import ray_train
         cfg = load_job_config(cls, step.recipe, step.overrides + extra + self.train_overrides(name, folder))
         result = ray_train.fit(cfg, ray_train.parse_workers(step.workers), gpus_per_worker=step.gpus_per_worker,
                                cpus_per_worker=step.cpus_per_worker, storage=str(folder / "ray"), name=name,
@@ -330,7 +330,7 @@ class Pipeline:
 
     def run(self) -> dict[str, StepResult]:
         from vitvq.trainer.tracking import git_commit, make_tracker
-        from vitvq.trainer.cluster import check_multinode, check_visible_everywhere
+        from vitvq.launch.orchestration.cluster import check_multinode, check_visible_everywhere
         c = self.cfg
         self.root.mkdir(parents=True, exist_ok=True)
         # Before the parent run exists: a root a node cannot see, or one MLflow file per node, is refused here.

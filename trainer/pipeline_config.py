@@ -31,7 +31,7 @@ class TrainStep:
     """Worker-group failures (crashes, lost nodes) Ray restarts from (-1: no limit)."""
 
     def __post_init__(self) -> None:
-        from vitvq.trainer.ray_train import parse_workers
+        from vitvq.launch.orchestration.ray_train import parse_workers
         check(bool(self.recipe), "recipe", self.recipe, "name the stage's recipe YAML, e.g. configs/stage1/demo.yaml")
         try:
             parse_workers(self.workers)

@@ -26,7 +26,7 @@ class StopRequest:
 
     Handlers can only be installed from the main thread. A Ray Train worker runs ``train()`` in a thread of its own
     while Ray's SIGTERM handler on the actor's main thread exits the process at once (mid-step, nothing saved):
-    there the handlers go in through :attr:`main_thread`, which ``trainer/ray_train.py`` sets."""
+    there the handlers go in through :attr:`main_thread`, which ``launch/orchestration/ray_train.py`` sets."""
 
     main_thread: Optional[Callable[[Callable[[], Any]], Any]] = None
     """``main_thread(fn)`` runs ``fn`` on this process's main thread and returns its result (None: not available)."""

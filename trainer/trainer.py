@@ -334,7 +334,7 @@ def train(cfg: Any, task_cls: Optional[type] = None, on_checkpoint: Optional[OnC
     """Build everything from the config and train; the function every launcher (and Ray) calls.
 
     The task comes from ``cfg.stage`` through ``trainer.task.STAGES`` unless ``task_cls`` is given;
-    ``on_checkpoint`` (see :data:`OnCheckpoint`) is how ``trainer/ray_train.py`` reports checkpoints to Ray."""
+    ``on_checkpoint`` (see :data:`OnCheckpoint`) is how ``launch/orchestration/ray_train.py`` reports checkpoints to Ray."""
     trainer = Trainer(cfg, task_cls, on_checkpoint)
     trainer.build()
     result = trainer.fit()

@@ -109,7 +109,7 @@ def test_no_wait_status_stop(address: str, tmp_path: Path) -> None:
 @pytest.mark.e2e
 def test_env_reaches_ray_workers_and_secrets_stay_hidden(address: str, tmp_path: Path) -> None:
     # The driver joins through launch/ray_train.py's ray_cluster(), which passes VITVQ_* as env_vars again.
-    code = ("import os, ray; from vitvq.trainer.ray_train import ray_cluster\n"
+    code = ("import os, ray; from vitvq.launch.orchestration.ray_train import ray_cluster\n"
             "with ray_cluster():\n"
             "    env = ray.get(ray.remote(num_cpus=1)(lambda: dict(os.environ)).remote())\n"
             "print('worker sees', env['VITVQ_PROBE'], len(env['HF_TOKEN']), env['MLFLOW_TRACKING_URI'][-12:])")

@@ -19,7 +19,7 @@ import torch
 from vitvq.trainer.checkpoint import (CheckpointManager, is_tag, latest_file, meta_file, rank_file, step_folders,
                                       step_of, tag_of)
 from vitvq.trainer.engine import DistInfo
-from vitvq.trainer.ray_train import resume_note
+from vitvq.launch.orchestration.ray_train import resume_note
 
 PAST_PADDING = (99_999_998, 99_999_999, 100_000_000, 100_000_001)
 """Steps on both sides of the 8-digit padding: ``step_100000000`` sorts by name before ``step_99999999``."""

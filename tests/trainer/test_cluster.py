@@ -1,4 +1,4 @@
-"""What a multi-node run needs (``trainer/cluster.py``), a SIGTERM to a Ray Train worker, evaluation actors outside
+"""What a multi-node run needs (``launch/orchestration/cluster.py``), a SIGTERM to a Ray Train worker, evaluation actors outside
 Train's placement group, and what a local Ray cluster listens on; all on real Ray clusters.
 
 The session's ``ray.cluster_utils.Cluster`` serves the module (``ray_cluster`` in tests/conftest.py): a head without
@@ -114,7 +114,7 @@ def test_the_closing_summary_prints_no_credentials(capsys: pytest.CaptureFixture
 # -- the multi-node checks ------------------------------------------------------------------------
 @pytest.mark.e2e
 def test_folders_every_node_sees_pass_and_leave_no_token(cluster, tmp_path: Path) -> None:
-    from vitvq.trainer.cluster import alive_nodes, check_multinode, check_visible_everywhere
+    from vitvq.launch.orchestration.cluster import alive_nodes, check_multinode, check_visible_everywhere
     assert len(alive_nodes()) == 2  # the head has no CPUs: it hosts drivers, not workers
     out, storage = tmp_path / "runs" / "a", tmp_path / "ray"
     t0 = time.perf_counter()
@@ -140,7 +140,7 @@ def test_the_launcher_refuses_a_relative_tracking_store_before_training(cluster,
 @pytest.mark.e2e
 @pytest.mark.parametrize("uri", [None, "sqlite:///mlflow.db", "file:./mlruns", "mlruns"])
 def test_a_relative_tracking_store_is_refused_on_several_nodes(cluster, no_tracking_env, uri) -> None:
-    from vitvq.trainer.cluster import ClusterCheckError, check_tracking
+    from vitvq.launch.orchestration.cluster import ClusterCheckError, check_tracking
     with pytest.raises(ClusterCheckError) as e:
         check_tracking(uri)
     msg = str(e.value)
@@ -153,7 +153,7 @@ def test_a_relative_tracking_store_is_refused_on_several_nodes(cluster, no_track
 
 @pytest.mark.e2e
 def test_a_tracking_uri_with_credentials_passes_and_is_redacted_in_messages(cluster, monkeypatch) -> None:
-    from vitvq.trainer.cluster import ClusterCheckError, check_tracking
+    from vitvq.launch.orchestration.cluster import ClusterCheckError, check_tracking
     check_tracking("https://alice:s3cret@mlflow.example:5000")  # a server: the same for every node
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "file:./mlruns?token=s3cret")
     with pytest.raises(ClusterCheckError) as e:
@@ -244,11 +244,11 @@ def listeners(port: int) -> list[str]:
 def test_a_local_cluster_keeps_its_dashboard_on_localhost_and_needs_no_shared_storage(tmp_path: Path) -> None:
     """``ray_cluster()`` with no address: the dashboard (the job API, which runs any command it is sent) listens on
     127.0.0.1 only; one node needs no shared storage nor a tracking server. (Ray 2.60's GCS, raylet, agents and
-    core-worker gRPC servers listen beyond localhost whatever ``ray.init`` is given: see trainer/ray_train.py.)"""
+    core-worker gRPC servers listen beyond localhost whatever ``ray.init`` is given: see launch/orchestration/ray_train.py.)"""
     script = f"""
 import json, sys
-from vitvq.trainer.ray_train import ray_cluster
-from vitvq.trainer.cluster import check_multinode
+from vitvq.launch.orchestration.ray_train import ray_cluster
+from vitvq.launch.orchestration.cluster import check_multinode
 with ray_cluster(num_cpus=1):
     import ray
     from ray._private.worker import global_worker
@@ -275,7 +275,7 @@ with ray_cluster(num_cpus=1):
 # -- last: a third node that sees another file system at the same path ---------------------------
 @pytest.mark.e2e
 def test_a_folder_one_node_cannot_see_is_refused_naming_it_and_the_node(cluster, tmp_path: Path) -> None:
-    from vitvq.trainer.cluster import ClusterCheckError, alive_nodes, check_multinode
+    from vitvq.launch.orchestration.cluster import ClusterCheckError, alive_nodes, check_multinode
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("needs root and unshare for a node with its own mount namespace")
     c, _ = cluster

@@ -1,4 +1,4 @@
-"""Training on Ray Train V2 (``launch/ray_train.py``, ``trainer/ray_train.py``) on a real multi-node Ray cluster.
+"""Training on Ray Train V2 (``launch/ray_train.py``, ``launch/orchestration/ray_train.py``) on a real multi-node Ray cluster.
 
 The session's cluster serves the module (``ray_cluster`` in tests/conftest.py): a head without CPUs and two nodes of
 one CPU each (``ray.cluster_utils.Cluster`` on this machine), so the two Train workers of a run sit on two nodes, as
@@ -106,7 +106,7 @@ def test_an_elastic_range_that_cannot_keep_the_global_batch_is_refused_before_st
 
 
 def test_pointers_that_ray_does_not_keep_are_deleted(tmp_path: Path) -> None:
-    from vitvq.trainer.ray_train import POINTER_FILE, parse_workers, prune_pointers
+    from vitvq.launch.orchestration.ray_train import POINTER_FILE, parse_workers, prune_pointers
     assert parse_workers("4") == 4 and parse_workers("2-8") == (2, 8)
     for tag in map(tag_of, (4, 8, 12)):
         (tmp_path / tag).mkdir()

@@ -1,6 +1,6 @@
 """Training on Ray Train V2: the function every Train worker runs, and the ``TorchTrainer`` around it.
 
-``launch/ray_train.py`` is the command line; :func:`fit` checks what several nodes need (``trainer/cluster.py``) and
+``launch/ray_train.py`` is the command line; :func:`fit` checks what several nodes need (``launch/orchestration/cluster.py``) and
 builds the ``TorchTrainer`` (fixed or elastic size, failure and checkpoint policy); each worker runs
 :func:`train_loop`, which rebuilds the job config and calls the very same ``vitvq.trainer.trainer.train(cfg)`` that
 ``torchrun`` and ``deepspeed`` run. Ray Train has set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR and initialised
@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 from vitvq.configs import from_dict, to_dict
 from vitvq.trainer.checkpoint import CheckpointManager
-from vitvq.trainer.cluster import check_multinode, check_visible_everywhere
+from vitvq.launch.orchestration.cluster import check_multinode, check_visible_everywhere
 from vitvq.trainer.engine import free_port
 from vitvq.trainer.task import stage_classes
 
@@ -238,7 +238,7 @@ def fit(cfg: Any, workers: Workers, *, gpus_per_worker: float = 0, cpus_per_work
     out_dir = Path(cfg.train.out_dir).resolve()
     storage_path = Path(storage).resolve() if storage else out_dir / "ray"
     folders = {"train.out_dir": out_dir, "--storage": storage_path}
-    if cfg.train.tracking:  # storage every node sees, and one MLflow store for all of them (trainer/cluster.py)
+    if cfg.train.tracking:  # storage every node sees, and one MLflow store for all of them (launch/orchestration/cluster.py)
         check_multinode(folders)
     else:
         check_visible_everywhere(folders)

@@ -1,6 +1,6 @@
 """What a multi-node run needs, checked once on the driver before anything starts.
 
-``trainer/ray_train.fit`` (and the pipeline) call :func:`check_multinode` before building the ``TorchTrainer``:
+``launch/orchestration/ray_train.fit`` (and the pipeline) call :func:`check_multinode` before building the ``TorchTrainer``:
 
 - every folder the run writes and reads back (``train.out_dir``, Ray Train's ``--storage``, an absolute SQLite
   tracking store) must be the same storage on every node. The driver writes a random token into each folder and a
