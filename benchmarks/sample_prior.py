@@ -36,7 +36,7 @@ import torch
 
 from vitvq.configs import from_dict
 from vitvq.models.prior import Prior, PriorConfig
-from vitvq.models.sampling import generate, sample_logits
+from vitvq.models.sampling import SamplingSettings, generate, sample_logits
 
 
 class StepTimer:
@@ -87,7 +87,7 @@ def timed_generate(model: Prior, labels: torch.Tensor, args: argparse.Namespace,
     with StepTimer(model, device) as timer:
         sync(device)
         t0 = time.perf_counter()
-        generate(model, labels, cfg_scale=cfg, temperature=1.0, top_k=args.top_k, generators=gens)
+        generate(model, labels, SamplingSettings(cfg_scale=cfg, top_k=args.top_k), generators=gens)
         sync(device)
         wall = time.perf_counter() - t0
     return wall, timer.seconds()
@@ -113,7 +113,7 @@ def recompute_seconds(model: Prior, labels: torch.Tensor, args: argparse.Namespa
         if guided:
             c, u = logits.chunk(2)
             logits = u + cfg * (c - u)
-        sample_logits(logits, temperature=1.0, top_k=args.top_k, generators=gens)
+        sample_logits(logits, SamplingSettings(cfg_scale=cfg, top_k=args.top_k), gens)
         sync(device)
         total += time.perf_counter() - t0
     return total * N / len(steps), len(steps) < N

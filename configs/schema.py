@@ -251,16 +251,24 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Load ``cls`` from a YAML file plus ``key=value`` overrides; every value validated once, here."""
+def load_data(path: str | Path | None = None, overrides: list[str] | None = None,
+              values: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The nested dict :func:`load` validates: the YAML file, then ``values`` (already parsed, e.g. command-line
+    flags), then the dotted ``key=value`` overrides, each merged over the one before."""
     data: dict[str, Any] = {}
     if path is not None:
         text = Path(path).read_text()
         data = yaml.safe_load(text) or {}
         if not isinstance(data, dict):
             raise ConfigError(str(path), type(data).__name__, "a recipe must be a YAML mapping of sections")
-    data = merge(data, parse_overrides(list(overrides or [])))
-    return from_dict(cls, data)
+    data = merge(data, dict(values or {}))
+    return merge(data, parse_overrides(list(overrides or [])))
+
+
+def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+         values: Mapping[str, Any] | None = None) -> T:
+    """Load ``cls`` from a YAML file plus ``values`` and ``key=value`` overrides; every value validated once, here."""
+    return from_dict(cls, load_data(path, overrides, values))
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -286,5 +294,5 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 __all__ = ["ConfigError", "check", "lookup", "from_dict", "to_dict", "flatten", "unflatten", "parse_overrides",
-           "merge", "load", "field_docs", "set_dotted"]
+           "merge", "load", "load_data", "field_docs", "set_dotted"]
 _ = typing  # keep `typing` importable for get_type_hints on modules using string annotations

@@ -1,4 +1,6 @@
 """The encoder job behind ``launch/encode_tokens.py``: image shards -> stage-2 token shards, once per tokenizer.
+``encode(EncodeConfig(...))`` is the job (the launcher's flags are its fields; the pipeline calls it per split),
+``encode_tokens`` the function it runs for one split.
 
 Each source image shard becomes one token shard of the same number (``<name>-<split>-NNNNNN.tar``, format in
 ``data/tokens.py``). Images are decoded as the evaluation loader decodes them (``data/transforms.py``: the
@@ -32,15 +34,17 @@ import hashlib
 import json
 import os
 import re
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, ClassVar, Iterator, Literal, Optional
 
 import torch
 
-from vitvq.configs import to_dict
+from vitvq.configs import check, to_dict
+from vitvq.configs.pool import PoolJobConfig
 from vitvq.data.cursor import Piece, read_raw
 from vitvq.data.shards import sha256_file
 from vitvq.data.tokens import KIND, VIEWS, TokenShardWriter, token_dtype
@@ -317,5 +321,86 @@ def encode_tokens(tokenizer: str | Path, shards: str, out: str | Path, *, name: 
     return {**result, "index_path": str(ipath), "written": len(done.entries), "kept": len(kept)}
 
 
-__all__ = ["encode_tokens", "crop_views", "EncodeWorker", "EncodeJob", "EncodeResult", "ShardTask", "write_index",
-           "record_entry", "TENCROP_SCALE", "VIEW_NAMES"]
+# -- the job ---------------------------------------------------------------------------------------------------
+@dataclass
+class EncodeOptions:
+    """What the tokens of an image are: its views, and how many images are taken."""
+
+    augment: Literal["center", "flip", "tencrop"] = "center"
+    """Views per image: centered square (1), + its mirror (2), LlamaGen's ten-crop (10)."""
+    limit: Optional[int] = None
+    """Encode only the first N samples (of each split; quick runs)."""
+
+    def __post_init__(self) -> None:
+        check(self.limit is None or self.limit >= 1, "limit", self.limit, "must be >= 1 (or none: every sample)")
+
+
+@dataclass
+class EncodeConfig(PoolJobConfig, EncodeOptions):
+    """Encode image shards into stage-2 token shards with a tokenizer export."""
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("tokenizer", "shards", "out")  # a command line names them
+    DEMO: ClassVar[str] = "demo"
+
+    tokenizer: str = ""
+    """Tokenizer export (launch/export_tokenizer.py)."""
+    shards: str = ""
+    """Image shards: index .json, path, brace pattern or pipe: URL; 'demo' = both splits of the built-in photographs."""
+    index: Optional[str] = None
+    """Index .json of the shards when they are pipe:/remote URLs."""
+    out: str = ""
+    """Output folder of the token shards and their index."""
+    name: Optional[str] = None
+    """Dataset name in the shard names (default: the source's)."""
+    split: str = "train"
+    """Split name in the shard names (train, val, ...)."""
+    workers: int = 0
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        PoolJobConfig.__post_init__(self)
+        EncodeOptions.__post_init__(self)
+        for name in ("tokenizer", "shards", "out", "split"):
+            check(bool(getattr(self, name)), name, getattr(self, name), f"name the {name}")
+
+
+def encode(cfg: EncodeConfig) -> dict[str, dict[str, Any]]:
+    """Encode ``cfg.shards`` (``demo``: both splits of the built-in photographs, at the tokenizer's image size) into
+    ``cfg.out``; the token index of each split encoded, with ``index_path``, ``written``, ``kept`` and ``seconds``."""
+    device, gpus = cfg.placement(torch.cuda.is_available())
+    if cfg.shards == cfg.DEMO:
+        from vitvq.data.builtin import ensure_demo_shards
+        from vitvq.data.config import DataConfig
+        from vitvq.models.export import read_export
+        from vitvq.models.tokenizer import EXPORT_FORMAT
+        size = int(read_export(cfg.tokenizer, EXPORT_FORMAT, "tokenizer")["config"]["image_size"])
+        root = DataConfig.__dataclass_fields__["demo_root"].default
+        todo = {split: str(ensure_demo_shards(root, size, split)) for split in ("train", "val")}
+    else:
+        todo = {cfg.split: cfg.shards}
+    out = {}
+    for split, shards in todo.items():
+        t0 = time.perf_counter()
+        index = encode_tokens(cfg.tokenizer, shards, cfg.out, name=cfg.name, split=split, augment=cfg.augment,
+                              workers=cfg.workers, batch_size=cfg.batch_size, device=device, address=cfg.address,
+                              cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=gpus, limit=cfg.limit,
+                              index=cfg.index, progress=cfg.progress)
+        out[split] = {**index, "seconds": time.perf_counter() - t0}
+    return out
+
+
+def print_encoded(index: dict[str, Any], say: Callable[[str], None] = print) -> None:
+    """One split's counts, its skipped samples, its index and the stage-2 overrides that point at it."""
+    t, split = index["tokens"], index["split"]
+    say(f"{split}: {index['num_samples']} samples in {len(index['shards'])} shards ({index['written']} written, "
+        f"{index['kept']} kept) in {index['seconds']:.1f} s: {t['views']} views ({t['augment']}) of "
+        f"{t['grid']}x{t['grid']} codes from {t['vocab_size']}; {index['num_skipped']} skipped")
+    for s in index["skipped"][:10]:
+        say(f"  skipped {s['src_shard']}:{s['src_key']}: {s['reason']}")
+    say(f"index: {index['index_path']}")
+    field = "train_tokens" if split == "train" else "val_tokens"
+    say(f"stage-2 overrides: tokenizer={t['tokenizer']['path']} tokens.{field}={index['index_path']}")
+
+
+__all__ = ["encode_tokens", "encode", "print_encoded", "EncodeOptions", "EncodeConfig", "crop_views", "EncodeWorker",
+           "EncodeJob", "EncodeResult", "ShardTask", "write_index", "record_entry", "TENCROP_SCALE", "VIEW_NAMES"]

@@ -12,7 +12,8 @@ all of them) and adds the partials up in worker order.
 
 Written here rather than with ``ray.util.ActorPool``: that maps independent tasks over actors, while these jobs
 keep per-worker state (a slice, running sums) across many small calls so the driver can show progress, and
-``workers=0`` runs the very same code in this process without Ray (tests, debugging, one GPU).
+``workers=0`` runs the very same code in this process without Ray (tests, debugging, one GPU). A pool's resources
+are declared once, in ``configs/pool.py``.
 """
 
 from __future__ import annotations
@@ -23,18 +24,6 @@ from typing import Any, Optional
 
 import numpy as np
 from tqdm import tqdm
-
-
-def add_worker_arguments(parser: Any, workers: int, gpus: Optional[float] = 0.0) -> None:
-    """The command-line flags of an ActorPool job (``--workers``, ``--address``, ``--cpus-per-worker``,
-    ``--gpus-per-worker``), shared by launch/evaluate.py, encode_tokens.py and sample.py."""
-    parser.add_argument("--workers", type=int, default=workers,
-                        help=f"Ray actors (default {workers}); 0 = in this process, no Ray")
-    parser.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local one)")
-    parser.add_argument("--cpus-per-worker", type=float, default=1, help="CPU cores (and torch threads) per actor")
-    parser.add_argument("--gpus-per-worker", type=float, default=gpus,
-                        help="GPUs per actor (fractions share a GPU)" + ("" if gpus is not None else
-                                                                          "; default 1 with CUDA and Ray workers"))
 
 
 class ActorPool:

@@ -1,5 +1,5 @@
 """Sampling many images from a trained prior for gFID: a plan that fixes every sample's class and seed, and the
-``ActorPool`` worker that draws them (``launch/sample.py`` is the command line).
+``ActorPool`` worker that draws them (the job around them, ``SampleConfig`` -> ``sample``, is in ``jobs.py``).
 
 Sample ``i`` of a plan is a function of ``i`` alone: class-major order (``classes[i // per_class]``, exactly
 ``per_class`` of each class, classes in the order given) and its own ``torch.Generator`` seeded with
@@ -13,7 +13,7 @@ sizes it is the same where they are (our CPU tests check batch sizes 1 and 7); `
 row its own randomness, so a sample never depends on its batch otherwise.
 
     plan = SamplePlan(classes=tuple(range(1000)), per_class=50, seed=0)
-    job = SampleJob(plan, batch_size=32, cfg_scale=2.0, top_k=0)
+    job = SampleJob(plan, SamplingSettings(cfg_scale=2.0, seed=0), batch_size=32)
     out = sample_images("prior.pt", "tokenizer.pt", job, workers=4, device="cuda", gpus_per_worker=1)
     out.images, out.labels   # uint8 (N, H, W, 3), int64 (N,) in sample order
 """
@@ -26,13 +26,15 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from PIL import Image
 
-from vitvq.data.shards import sha256_file  # noqa: F401 - re-exported for launch/sample.py
+from vitvq.configs import check
 from vitvq.evaluation.metrics import to_uint8
+from vitvq.evaluation.pictures import image_grid
 from vitvq.evaluation.pool import ActorPool
 from vitvq.models import prior as prior_mod
 from vitvq.models import tokenizer as tokenizer_mod
-from vitvq.models.sampling import CfgSchedule, generate
+from vitvq.models.sampling import SamplingSettings, generate
 from vitvq.models.tokens import check_prior_fits
 
 _M64 = (1 << 64) - 1
@@ -56,6 +58,27 @@ def sample_seed(seed: int, i: int) -> int:
 
 SEED_RULE = "torch.Generator().manual_seed(splitmix64(seed * 2**31 + i)) on the CPU, one per sample i"
 ORDER_RULE = "class-major: sample i has class classes[i // per_class]"
+
+
+def check_classes(classes: Optional[list[int]], per_class: int) -> None:
+    """The checks of a list of classes and a count per class (sampling, the pipeline's and the training grid's)."""
+    check(classes is None or len(classes) > 0, "classes", classes, "give at least one class")
+    check(classes is None or all(c >= 0 for c in classes), "classes", classes, "class indices must be >= 0")
+    check(classes is None or len(set(classes)) == len(classes), "classes", classes, "name each class once")
+    check(per_class >= 1, "per_class", per_class, "must be >= 1")
+
+
+@dataclass
+class SampleSet:
+    """Which samples to draw: per_class of each class, class-major."""
+
+    per_class: int = 50
+    """Samples per class (50 x 1000 classes = ADM's 50k for ImageNet)."""
+    classes: Optional[list[int]] = None
+    """Class indices to sample (default: every class of the prior; an unconditional prior has one null class)."""
+
+    def __post_init__(self) -> None:
+        check_classes(self.classes, self.per_class)
 
 
 @dataclass(frozen=True)
@@ -117,20 +140,46 @@ class SamplePlan:
 
 @dataclass(frozen=True)
 class SampleJob:
-    """A plan and how to sample it (``models/sampling.generate``'s settings)."""
+    """A plan and how to sample it: the settings ``models/sampling.generate`` reads, and the batch size."""
 
     plan: SamplePlan
+    settings: SamplingSettings
     batch_size: int = 32
-    cfg_scale: float = 1.0
-    cfg_schedule: CfgSchedule = "constant"
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.settings.seed != self.plan.seed:  # the plan's generators are the samples: one seed, not two
+            raise ValueError(f"the plan's seed {self.plan.seed} is not the settings' seed {self.settings.seed}")
 
     def chunks(self, rank: int, world_size: int) -> list[np.ndarray]:
         """Chunks ``rank, rank + world_size, ...`` of ``batch_size`` consecutive sample indices (see the module doc)."""
         starts = range(rank * self.batch_size, self.plan.n, world_size * self.batch_size)
         return [np.arange(s, min(s + self.batch_size, self.plan.n)) for s in starts]
+
+
+# -- the files a job writes --------------------------------------------------------------------------------
+def save_npz(path: Path, images: np.ndarray, labels: Optional[np.ndarray]) -> None:
+    """ADM's layout, uncompressed, written to a temporary name and renamed (a crash never leaves half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    arrays = {"arr_0": images} if labels is None else {"arr_0": images, "arr_1": labels}
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
+def save_grid(path: Path, images: np.ndarray, rows: list[list[int]], pad: int = 2) -> None:
+    """Rows of samples (indices into images) as one PNG with ``pad`` black pixels between them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image_grid(images, rows, pad=pad)).save(path)
+
+
+def classes_text(plan: SamplePlan) -> str:
+    """The classes of a plan in a few words (the protocol's ``classes``)."""
+    c = plan.classes
+    if not plan.conditional:
+        return "unconditional (null class)"
+    if list(c) == list(range(len(c))):
+        return f"0..{len(c) - 1} ({len(c)} classes)"
+    return ",".join(map(str, c)) if len(c) <= 16 else f"{len(c)} classes: {','.join(map(str, c[:8]))},..."
 
 
 # -- checking the two exports against each other ----------------------------------------------------------
@@ -228,9 +277,8 @@ class SampleWorker:
     def _draw(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         job, plan, g = self.job, self.job.plan, self.prior.cfg.grid
         labels = plan.labels(idx)
-        tokens = generate(self.prior, torch.from_numpy(labels).to(self.device), cfg_scale=job.cfg_scale,
-                          cfg_schedule=job.cfg_schedule, temperature=job.temperature, top_k=job.top_k,
-                          top_p=job.top_p, generators=plan.generators(idx))  # (B, grid**2)
+        tokens = generate(self.prior, torch.from_numpy(labels).to(self.device), job.settings,
+                          generators=plan.generators(idx))  # (B, grid**2)
         x = self.tok.to_image(self.tok.decode_codes(tokens.view(-1, g, g)))  # (B, 3, H, W) in [-1, 1]
         images = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3), rounded as evaluation saves images
         return idx, images, labels if plan.conditional else np.full_like(labels, -1)
@@ -262,5 +310,6 @@ def sample_images(prior: str | Path, tokenizer: str | Path, job: SampleJob, work
     return SampleOutput(images, labels, pool.ready_value)
 
 
-__all__ = ["SamplePlan", "SampleJob", "Samples", "SampleWorker", "SampleOutput", "sample_seed", "sample_images",
-           "check_exports", "peek_export", "sha256_file", "SEED_RULE", "ORDER_RULE"]
+__all__ = ["SamplePlan", "SampleJob", "SampleSet", "Samples", "SampleWorker", "SampleOutput", "sample_seed",
+           "sample_images", "check_classes", "check_exports", "peek_export", "save_npz", "save_grid", "classes_text",
+           "SEED_RULE", "ORDER_RULE"]

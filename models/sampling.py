@@ -6,23 +6,63 @@ top-k and top-p (as LlamaGen's ``generate.py``); the sampled token is fed to bot
 randomness from its own ``torch.Generator``, one uniform per token, by inverting the CDF of its own filtered
 distribution, so a sample depends on its generator and its logits only, never on the batch it is in.
 
+``SamplingSettings`` is the one declaration of every sampling setting: ``generate`` reads it, and the training grid
+(``trainer/stage2.SampleGridConfig``), the sampling job (``evaluation/sampling.SampleConfig``, hence the flags of
+``launch/sample.py``) and the pipeline's ``sample`` step inherit it. A new setting (say ``min_p``) is one field and
+its check here, read where the filter is applied (``sample_logits``).
+
 ``use_cache=False`` reruns the whole prefix at every step (no cache): the baseline of
 ``benchmarks/sample_prior.py`` and the reference of the cache-equivalence tests.
 
     gens = [torch.Generator().manual_seed(seed + i) for i in range(len(labels))]
-    tokens = generate(model, labels, cfg_scale=2.0, temperature=1.0, top_k=100, generators=gens)  # (B, N)
+    tokens = generate(model, labels, SamplingSettings(cfg_scale=2.0, top_k=100), generators=gens)  # (B, N)
     images = tokenizer.to_image(tokenizer.decode_codes(tokens.view(-1, grid, grid)))
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from dataclasses import dataclass, field
 from typing import Literal, Optional, Sequence
 
 import torch
 
+from vitvq.configs import check
 from vitvq.models.prior import Prior
 
 CfgSchedule = Literal["constant", "linear"]
+
+
+@dataclass
+class SamplingSettings:
+    """How tokens are drawn from the prior: guidance, temperature, filters and the base seed."""
+
+    cfg_scale: float = field(default=2.0, metadata={"flags": ("--cfg",)})
+    """Classifier-free guidance scale (1 = none; guidance needs a class-conditional prior)."""
+    cfg_schedule: CfgSchedule = "constant"
+    """Guidance over the tokens: constant, or ramping linearly from 1 at the first token to cfg_scale at the last."""
+    temperature: float = 1.0
+    """Softmax temperature (0 = greedy)."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0 = all)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass in (0, 1] (1 = all)."""
+    seed: int = 0
+    """Base seed: sample i gets its own generator, splitmix64(seed * 2**31 + i)."""
+
+    def __post_init__(self) -> None:
+        check(math.isfinite(self.cfg_scale) and self.cfg_scale >= 0, "cfg_scale", self.cfg_scale,
+              "must be a finite number >= 0")
+        check(math.isfinite(self.temperature) and self.temperature >= 0, "temperature", self.temperature,
+              "must be >= 0 (0 = greedy)")
+        check(self.top_k >= 0, "top_k", self.top_k, "must be >= 0 (0 = all tokens)")
+        check(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
+        check(0 <= self.seed < 2**32, "seed", self.seed, "must be in [0, 2**32)")
+
+    def sampling_settings(self) -> "SamplingSettings":
+        """These settings alone, without the fields of a config that inherits them (what a worker is sent)."""
+        return SamplingSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SamplingSettings)})
 
 
 def cfg_scales(schedule: CfgSchedule, scale: float, n: int) -> list[float]:
@@ -35,13 +75,15 @@ def cfg_scales(schedule: CfgSchedule, scale: float, n: int) -> list[float]:
     raise ValueError(f"cfg_schedule must be 'constant' or 'linear', got {schedule!r}")
 
 
-def sample_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+def sample_logits(logits: torch.Tensor, settings: SamplingSettings,
                   generators: Optional[Sequence[torch.Generator]] = None) -> torch.Tensor:
     """One token per row of logits (B, V) -> (B,) int64. ``temperature = 0`` is greedy (argmax, no randomness).
 
     Otherwise: logits / temperature, keep the ``top_k`` largest (0 = all), then the smallest set of most likely
     tokens whose probability reaches ``top_p`` (1 = all; Holtzman et al.), renormalise, and take the token
-    where row i's uniform from ``generators[i]`` falls in the CDF."""
+    where row i's uniform from ``generators[i]`` falls in the CDF. (Guidance is ``generate``'s: it mixes the
+    logits before they come here.)"""
+    temperature, top_k, top_p = settings.temperature, settings.top_k, settings.top_p
     if temperature == 0:
         return logits.argmax(-1)
     B, V = logits.shape
@@ -71,11 +113,11 @@ def sample_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int 
 
 
 @torch.no_grad()
-def generate(model: Prior, labels: torch.Tensor, *, cfg_scale: float = 1.0, cfg_schedule: CfgSchedule = "constant",
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+def generate(model: Prior, labels: torch.Tensor, settings: SamplingSettings, *,
              generators: Optional[Sequence[torch.Generator]] = None, use_cache: bool = True,
              return_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Sample (B, grid**2) token grids in raster order for labels (B,) (unconditional model: all ``null_class``).
+    """Sample (B, grid**2) token grids in raster order for labels (B,) (unconditional model: all ``null_class``)
+    with ``settings`` (their ``seed`` is the caller's: it made ``generators``, one per row).
 
     Guidance is on unless every token's scale is 1: then the plain conditional batch runs (exactly conditional
     sampling, and half the work). ``return_logits`` also returns the guided logits each token was
@@ -83,7 +125,7 @@ def generate(model: Prior, labels: torch.Tensor, *, cfg_scale: float = 1.0, cfg_
     put back in its mode afterwards."""
     cfg = model.cfg
     B, N = labels.shape[0], cfg.seq_len
-    scales = cfg_scales(cfg_schedule, cfg_scale, N)
+    scales = cfg_scales(settings.cfg_schedule, settings.cfg_scale, N)
     guided = any(s != 1.0 for s in scales)
     if guided and cfg.num_classes == 0:
         raise ValueError("classifier-free guidance needs a class-conditional prior (cfg.num_classes > 0)")
@@ -105,7 +147,7 @@ def generate(model: Prior, labels: torch.Tensor, *, cfg_scale: float = 1.0, cfg_
                 logits = u + scales[t] * (c - u)
             if all_logits is not None:
                 all_logits.append(logits)
-            nxt = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generators=generators)
+            nxt = sample_logits(logits, settings, generators)
             tokens[:, t] = nxt.repeat(rows // B)
     finally:
         model.train(was_training)
@@ -113,4 +155,4 @@ def generate(model: Prior, labels: torch.Tensor, *, cfg_scale: float = 1.0, cfg_
     return (out, torch.stack(all_logits, dim=1)) if all_logits is not None else out
 
 
-__all__ = ["generate", "sample_logits", "cfg_scales"]
+__all__ = ["SamplingSettings", "CfgSchedule", "generate", "sample_logits", "cfg_scales"]

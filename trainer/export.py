@@ -6,16 +6,17 @@ files (``trainer.engine.engine_fp32_state``), and lets the task build its model,
 checking and write the file (stage 1: ``Tokenizer.save_export``, read back by ``Tokenizer.load_export`` with no
 DeepSpeed). "Latest" is the checkpoint manager's own notion: the newest complete checkpoint.
 
-Used at the end of training (rank 0), for each checkpoint evaluated during training, and by
-``launch/export_tokenizer.py``.
+Used at the end of training (rank 0), for each checkpoint evaluated during training, and as the job
+``export(ExportConfig(...))`` by ``launch/export_tokenizer.py`` and the pipeline's ``export`` step.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, ClassVar, Optional
 
-from vitvq.configs import from_dict
+from vitvq.configs import check, from_dict
 from vitvq.trainer.checkpoint import CheckpointManager, meta_file
 from vitvq.trainer.engine import engine_fp32_state
 from vitvq.trainer.task import stage_classes
@@ -37,4 +38,27 @@ def export_checkpoint(run_dir: str | Path, dest: str | Path, tag: Optional[str] 
     return task_cls.write_export(cfg, state, Path(dest), extra)
 
 
-__all__ = ["export_checkpoint"]
+@dataclass
+class ExportConfig:
+    """Export a run's checkpoint as one file of fp32 weights and its config."""
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("run_dir", "out")  # a command line names them
+
+    run_dir: str = ""
+    """train.out_dir of the run."""
+    out: str = ""
+    """Output file (e.g. tokenizer.pt)."""
+    tag: Optional[str] = None
+    """Checkpoint folder name, e.g. step_00001000 (default: the latest complete one)."""
+
+    def __post_init__(self) -> None:
+        check(bool(self.run_dir), "run_dir", self.run_dir, "name the run's folder (its train.out_dir)")
+        check(bool(self.out), "out", self.out, "name the output file, e.g. tokenizer.pt")
+
+
+def export(cfg: ExportConfig) -> dict[str, Any]:
+    """The job: ``{"path": the file written}``."""
+    return {"path": str(export_checkpoint(cfg.run_dir, cfg.out, cfg.tag))}
+
+
+__all__ = ["export_checkpoint", "ExportConfig", "export"]

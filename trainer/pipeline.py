@@ -3,7 +3,8 @@
 ``launch/pipeline.py --config configs/pipeline/<name>.yaml`` runs it on a Ray cluster (a local one by default).
 Each step runs with its own resources: the two trainings as Ray Train runs (``launch/orchestration/ray_train.fit``, the same
 as ``launch/ray_train.py``), the export as a Ray task, and encoding, reference statistics, sampling and gFID on
-their own Ray actor pools (``evaluation/pool.py``), as their launchers run them.
+their own Ray actor pools (``evaluation/pool.py``): the job functions their launchers call (``evaluation/jobs.py``,
+``data/encode.py``, ``trainer/export.py``), each given a typed config built from the step's settings.
 
 Lineage. Every step's output is a function of a key: the resolved recipe of a training (without bookkeeping such
 as ``train.out_dir`` or the MLflow names), the dataset index's sha256, the settings of the step, and the sha256 of
@@ -27,6 +28,7 @@ invocations): what is needed is a content-addressed skip rule and the MLflow tre
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ from typing import Any, Callable, Optional
 
 from vitvq.configs import flatten, to_dict
 from vitvq.data.shards import sha256_file
+from vitvq.configs.pool import PoolConfig
 from vitvq.models.tokens import check_prior_fits
 from vitvq.trainer.config import load_job_config
 from vitvq.launch.orchestration.lineage import lineage_hash, read_manifest, training_key, write_manifest
@@ -42,6 +45,11 @@ from vitvq.trainer.pipeline_config import (EncodeStep, GfidStep, PipelineConfig,
                                            load_pipeline_config)
 
 STEPS = ("stage1", "export", "encode", "stage2", "ref", "sample", "gfid")
+
+
+def fields_of(cfg: Any, cls: type) -> dict[str, Any]:
+    """The values of ``cls``'s fields in ``cfg`` (an instance of a subclass): a step's share of a job's config."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)}
 
 
 # -- the pipeline ---------------------------------------------------------------------------------
@@ -201,10 +209,10 @@ class Pipeline:
     def run_export(self, stage1: StepResult) -> StepResult:
         def body(folder: Path, tracker: Any) -> dict[str, Any]:
             import ray
-            from vitvq.trainer.export import export_checkpoint
-            dest = folder / "tokenizer.pt"
-            task = ray.remote(num_cpus=1)(export_checkpoint)  # its own resources, on any node that sees the run
-            path = ray.get(task.remote(stage1.outputs["run_dir"], str(dest)))
+            from vitvq.trainer.export import ExportConfig, export
+            cfg = ExportConfig(run_dir=str(stage1.outputs["run_dir"]), out=str(folder / "tokenizer.pt"))
+            task = ray.remote(num_cpus=1)(export)  # its own resources, on any node that sees the run
+            path = ray.get(task.remote(cfg))["path"]
             tracker.log_params({"checkpoint_of": stage1.outputs["run_dir"]})
             return {"outputs": {"tokenizer": path}}
         return self.step("export", {"stage1": stage1.lineage}, body)
@@ -216,13 +224,13 @@ class Pipeline:
                "augment": e.augment, "limit": e.limit}
 
         def body(folder: Path, tracker: Any) -> dict[str, Any]:
-            from vitvq.data.encode import encode_tokens
+            from vitvq.data.encode import EncodeConfig, encode
             outputs, metrics = {}, {}
             for split, spec in specs.items():
-                index = encode_tokens(tokenizer.outputs["tokenizer"], spec, folder, split=split,
-                                      augment=e.augment if split == "train" else "center", workers=e.workers,
-                                      batch_size=e.batch_size, device=e.device, cpus_per_worker=e.cpus_per_worker,
-                                      gpus_per_worker=e.gpus_per_worker, limit=e.limit, progress=self.cfg.progress)
+                cfg = EncodeConfig(**fields_of(e, PoolConfig), tokenizer=tokenizer.outputs["tokenizer"], shards=spec,
+                                   out=str(folder), split=split, augment=e.augment if split == "train" else "center",
+                                   limit=e.limit, progress=self.cfg.progress)
+                index = encode(cfg)[split]
                 outputs[f"{split}_index"] = index["index_path"]
                 metrics.update({f"encode/{split}_samples": index["num_samples"],
                                 f"encode/{split}_skipped": index["num_skipped"]})
@@ -248,20 +256,21 @@ class Pipeline:
         key = {"data": self.dataset_id(spec), "resolution": side, "extractor": g.extractor}
 
         def body(folder: Path, tracker: Any) -> dict[str, Any]:
-            from vitvq.launch import evaluate
+            from vitvq.evaluation.jobs import RefStatsConfig, print_result, ref_stats
             out = folder / "ref.npz"
-            res = evaluate.main(["ref-stats", "--shards", spec, "--resolution", str(side), "--out", str(out),
-                                 *self.gfid_args(), "--json", str(folder / "ref.json")])
+            cfg = RefStatsConfig(**self.eval_fields(), shards=spec, resolution=side, out=str(out),
+                                 json=str(folder / "ref.json"))
+            res = ref_stats(cfg)
+            print_result(cfg, res, self.say)
             tracker.log_params({k: str(v) for k, v in res["protocol"].items()})
             return {"outputs": {"ref": out}, "metrics": {"ref/count": res["metrics"]["count"]}}
         return self.step("ref", key, body)
 
-    def gfid_args(self) -> list[str]:
+    def eval_fields(self) -> dict[str, Any]:
+        """The fields the reference statistics and the gFID take from ``gfid``: its pool and its extractor."""
+        from vitvq.evaluation.jobs import ExtractorSettings
         g = self.cfg.gfid
-        args = [*g.pool_args(), "--extractor", g.extractor]
-        if g.inception_weights:
-            args += ["--inception-weights", g.inception_weights]
-        return args + ([] if self.cfg.progress else ["--no-progress"])
+        return {**fields_of(g, PoolConfig), **fields_of(g, ExtractorSettings), "progress": self.cfg.progress}
 
     def run_sample(self, tokenizer: StepResult, prior: StepResult) -> StepResult:
         s = self.cfg.sample
@@ -269,15 +278,12 @@ class Pipeline:
         key = {"prior_sha256": prior.sha256["export"], "tokenizer_sha256": tokenizer.sha256["tokenizer"], "settings": settings}
 
         def body(folder: Path, tracker: Any) -> dict[str, Any]:
-            from vitvq.launch import sample
+            from vitvq.evaluation.jobs import SampleConfig, print_samples, sample
             npz = folder / "samples.npz"
-            argv = ["--prior", prior.outputs["export"], "--tokenizer", tokenizer.outputs["tokenizer"], "--out",
-                    str(npz), "--per-class", str(s.per_class), "--cfg", f"{s.cfg_scale:g}", "--cfg-schedule",
-                    s.cfg_schedule, "--temperature", f"{s.temperature:g}", "--top-k", str(s.top_k), "--top-p",
-                    f"{s.top_p:g}", "--seed", str(s.seed), *s.pool_args()]
-            if s.classes:
-                argv += ["--classes", ",".join(map(str, s.classes))]
-            res = sample.main(argv + ([] if self.cfg.progress else ["--no-progress"]))
+            res = sample(SampleConfig(**fields_of(s, type(s)), prior=prior.outputs["export"],
+                                      tokenizer=tokenizer.outputs["tokenizer"], out=str(npz),
+                                      progress=self.cfg.progress))
+            print_samples(res, self.say)
             p = res["protocol"]
             tracker.log_params({k: str(v) for k, v in p.items() if k not in ("class_list", "notes")})
             tracker.log_artifact(p["grid_png"], artifact_path="images")
@@ -294,10 +300,12 @@ class Pipeline:
                "splits": g.splits}
 
         def body(folder: Path, tracker: Any) -> dict[str, Any]:
-            from vitvq.launch import evaluate
+            from vitvq.evaluation.jobs import GfidConfig, gfid, print_result
             out = folder / "gfid.json"
-            res = evaluate.main(["gfid", "--samples", samples.outputs["samples"], "--ref", ref_path, "--splits",
-                                 str(g.splits), "--json", str(out), *self.gfid_args()])
+            cfg = GfidConfig(**self.eval_fields(), samples=samples.outputs["samples"], ref=ref_path, splits=g.splits,
+                             json=str(out))
+            res = gfid(cfg)
+            print_result(cfg, res, self.say)
             tracker.set_tags({f"eval.protocol.{k}": json.dumps(v) if isinstance(v, (dict, list)) else v
                               for k, v in res["protocol"].items()})
             return {"outputs": {"gfid": out}, "metrics": {k: float(v) for k, v in res["metrics"].items()}}

@@ -1,16 +1,22 @@
 """The pipeline's config (``configs/pipeline/*.yaml``): the recipes and resources of each step of ``trainer/pipeline.py``.
 
 Every field is validated at load (``launch/pipeline.py`` refuses a bad value with its dotted name before any step runs).
+The bulk steps are made of the jobs' own pieces (the pool's resources, the sampling settings, the encoding options,
+the gFID settings), so that a setting is declared once; ``trainer/pipeline.py`` builds each job's config from them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 from vitvq.configs import check, load
-from vitvq.trainer.stage2 import SamplingSettings, check_classes
+from vitvq.configs.pool import PoolConfig
+from vitvq.data.encode import EncodeOptions
+from vitvq.evaluation.jobs import GfidSettings
+from vitvq.evaluation.sampling import SampleSet
+from vitvq.models.sampling import SamplingSettings
 
 
 # -- config ---------------------------------------------------------------------------------------
@@ -42,72 +48,46 @@ class TrainStep:
         check(self.max_failures >= -1, "max_failures", self.max_failures, "must be >= -1 (-1: no limit)")
 
 
-@dataclass
-class PoolStep:
-    """Where a bulk step (encoding, statistics, sampling, gFID) runs: Ray actors, each with these resources."""
-    workers: int = 1
-    """Ray actors (0: in the pipeline's own process)."""
-    cpus_per_worker: float = 1
-    """CPU cores (and torch threads) per actor."""
-    gpus_per_worker: float = 0
-    """GPUs per actor (fractions share a GPU)."""
-    device: Literal["cpu", "cuda"] = "cpu"
-    """torch device in the actors (cuda needs gpus_per_worker > 0)."""
-    batch_size: int = 32
-    """Images per forward pass."""
-
-    def __post_init__(self) -> None:
-        check(self.workers >= 0, "workers", self.workers, "must be >= 0 (0: in this process)")
-        check(self.cpus_per_worker > 0, "cpus_per_worker", self.cpus_per_worker, "must be > 0")
-        check(self.gpus_per_worker >= 0, "gpus_per_worker", self.gpus_per_worker, "must be >= 0")
-        check(self.device == "cpu" or self.gpus_per_worker > 0 or self.workers == 0, "device", self.device,
-              "cuda in Ray actors needs gpus_per_worker > 0 (Ray hides GPUs from actors that ask for none)")
-        check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
-
-    def pool_args(self) -> list[str]:
-        return ["--workers", str(self.workers), "--cpus-per-worker", f"{self.cpus_per_worker:g}",
-                "--gpus-per-worker", f"{self.gpus_per_worker:g}", "--device", self.device,
-                "--batch-size", str(self.batch_size)]
+PoolStep = PoolConfig
+"""Where a bulk step (encoding, statistics, sampling, gFID) runs: Ray actors on the pipeline's cluster, each with
+these resources; the same fields as the jobs' pools (``configs.pool.PoolConfig``)."""
 
 
 @dataclass
-class EncodeStep(PoolStep):
+class EncodeStep(PoolConfig, EncodeOptions):
     train_shards: Optional[str] = None
     """Image shards to encode for the prior's training (default: the stage-1 recipe's training data)."""
     val_shards: Optional[str] = None
-    """Image shards for the prior's validation and the gFID reference (default: the stage-1 recipe's)."""
-    augment: Literal["center", "flip", "tencrop"] = "center"
-    """Views per training image: centered square, + its mirror, LlamaGen's ten-crop."""
-    limit: Optional[int] = None
-    """Encode only the first N samples of each split (quick runs)."""
+    """Image shards for the prior's validation and the gFID reference (default: the stage-1 recipe's); encoded
+    centered whatever augment says."""
     batch_size: int = 64
     """Images (views) per forward pass of the tokenizer."""
 
+    def __post_init__(self) -> None:
+        PoolConfig.__post_init__(self)
+        EncodeOptions.__post_init__(self)
+
 
 @dataclass
-class SampleStep(PoolStep, SamplingSettings):
-    per_class: int = 50
-    """Samples per class (50 x 1000 classes = ADM's 50k for ImageNet)."""
-    classes: Optional[list[int]] = None
-    """Class indices to sample (default: every class of the prior)."""
+class SampleStep(PoolConfig, SamplingSettings, SampleSet):
+    """Sampling from the prior: the sampling job's settings (``evaluation.jobs.SampleConfig``) on the pipeline's
+    pool; every field but the pool's resources is part of the step's lineage."""
 
     def __post_init__(self) -> None:
-        PoolStep.__post_init__(self)
+        PoolConfig.__post_init__(self)
         SamplingSettings.__post_init__(self)
-        check_classes(self.classes, self.per_class)
+        SampleSet.__post_init__(self)
 
 
 @dataclass
-class GfidStep(PoolStep):
+class GfidStep(PoolConfig, GfidSettings):
     ref: Optional[str] = None
     """Reference statistics .npz (ADM's or launch/evaluate.py ref-stats); None: computed from the validation images
     at the tokenizer's resolution (the ``ref`` step)."""
-    extractor: Literal["inception", "inception-random", "tiny"] = "inception"
-    """The FID InceptionV3 (needs its weights file), or random stand-ins NOT comparable to published numbers."""
-    inception_weights: Optional[str] = None
-    """Path of pt_inception-2015-12-05-6726825d.pth (else $VITVQ_INCEPTION_WEIGHTS, else the torch hub cache)."""
-    splits: int = 10
-    """Inception Score splits."""
+
+    def __post_init__(self) -> None:
+        PoolConfig.__post_init__(self)
+        GfidSettings.__post_init__(self)
 
 
 @dataclass

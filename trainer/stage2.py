@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import numpy as np
 import torch
@@ -28,9 +28,9 @@ from vitvq.data import build_token_eval_loader, build_token_stream, check_lineag
 from vitvq.data.shards import sha256_file
 from vitvq.data.tokens import TokenDataConfig, index_token_facts
 from vitvq.evaluation.pictures import image_grid
-from vitvq.evaluation.sampling import SamplePlan
+from vitvq.evaluation.sampling import SamplePlan, check_classes
 from vitvq.models.prior import Prior, PriorConfig, prior_loss
-from vitvq.models.sampling import generate
+from vitvq.models.sampling import SamplingSettings, generate
 from vitvq.models.tokens import check_prior_fits
 from vitvq.trainer.config import OptimConfig, TrainConfig
 from vitvq.trainer.engine import DistInfo, all_reduce_sum, any_rank, grad_norm
@@ -38,41 +38,10 @@ from vitvq.trainer.task import Evaluator, Stream
 
 
 @dataclass
-class SamplingSettings:
-    """How tokens are drawn from the prior (``launch/sample.py``'s flags): the training grid's and the pipeline's."""
-
-    cfg_scale: float = 2.0
-    """Classifier-free guidance scale (1 = none; ignored by an unconditional prior)."""
-    cfg_schedule: Literal["constant", "linear"] = "constant"
-    """Guidance over the tokens: constant, or ramping linearly from 1 to cfg_scale."""
-    temperature: float = 1.0
-    """Softmax temperature (0 = greedy)."""
-    top_k: int = 0
-    """Keep the k most likely tokens (0 = all)."""
-    top_p: float = 1.0
-    """Nucleus sampling mass (1 = all)."""
-    seed: int = 0
-    """Base seed: sample i gets its own generator from (seed, i)."""
-
-    def __post_init__(self) -> None:
-        check(self.cfg_scale >= 0, "cfg_scale", self.cfg_scale, "must be >= 0")
-        check(self.temperature >= 0, "temperature", self.temperature, "must be >= 0 (0 = greedy)")
-        check(self.top_k >= 0, "top_k", self.top_k, "must be >= 0 (0 = all tokens)")
-        check(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
-        check(0 <= self.seed < 2**32, "seed", self.seed, "must be in [0, 2**32)")
-
-
-def check_classes(classes: Optional[list[int]], per_class: int) -> None:
-    check(classes is None or len(classes) > 0, "classes", classes, "give at least one class")
-    check(classes is None or all(c >= 0 for c in classes), "classes", classes, "class indices must be >= 0")
-    check(classes is None or len(set(classes)) == len(classes), "classes", classes, "name each class once")
-    check(per_class >= 1, "per_class", per_class, "must be positive")
-
-
-@dataclass
 class SampleGridConfig(SamplingSettings):
     """The grid of samples drawn while training (``train.image_every``): the same classes and seeds at every step,
-    so the grids of a run are comparable, with the sampling settings of ``launch/sample.py``."""
+    so the grids of a run are comparable, with the sampling settings (``models/sampling.SamplingSettings``, the
+    flags of ``launch/sample.py``); an unconditional prior's grid is drawn without guidance."""
 
     classes: list[int] = field(default_factory=lambda: list(range(8)))
     """One row per class (class-conditional priors; an unconditional prior draws ``len(classes)`` rows anyway)."""
@@ -280,9 +249,8 @@ class Stage2Task:
         idx = np.arange(plan.n)
         labels = torch.from_numpy(plan.labels(idx)).to(self.dist.device)
         gens = plan.generators(idx)
-        scale = s.cfg_scale if p.num_classes else 1.0
-        tokens = generate(self.prior, labels, cfg_scale=scale, cfg_schedule=s.cfg_schedule, temperature=s.temperature,
-                          top_k=s.top_k, top_p=s.top_p, generators=gens)
+        settings = s.sampling_settings() if p.num_classes else replace(s.sampling_settings(), cfg_scale=1.0)
+        tokens = generate(self.prior, labels, settings, generators=gens)
         tok = self.tokenizer()
         images = tok.to_image(tok.decode_codes(tokens.view(-1, p.grid, p.grid)).float()).clamp(-1, 1)
         return image_grid(images.cpu(), s.per_class, min_width=256)  # tiny images enlarged
@@ -307,4 +275,4 @@ class Stage2Task:
             ("tokenizer", self.cfg.tokenizer)]
 
 
-__all__ = ["SampleGridConfig", "Stage2Config", "Stage2Task"]
+__all__ = ["SamplingSettings", "SampleGridConfig", "Stage2Config", "Stage2Task", "check_classes"]

@@ -23,6 +23,7 @@ errors, and that measurement: README, "Design notes".
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import re
@@ -31,6 +32,7 @@ import tempfile
 import time
 import warnings
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -251,6 +253,29 @@ def mlflow_client(tracking_uri: Optional[str] = None) -> Any:
     return MlflowClient(tracking_uri=tracking_uri)
 
 
+@dataclass
+class MlflowTarget:
+    """Where an evaluation's result is logged: an existing MLflow run."""
+
+    mlflow_run: Optional[str] = None
+    """Log the eval/* metrics into this MLflow run at the result's step, the protocol as eval.protocol.* tags."""
+    tracking_uri: Optional[str] = None
+    """MLflow store of that run (default $MLFLOW_TRACKING_URI, else MLflow's)."""
+
+
+def log_evaluation(run_id: str, metrics: dict[str, float], protocol: dict[str, Any], step: int,
+                   tracking_uri: Optional[str] = None) -> None:
+    """An evaluation's metrics into the run that produced the checkpoint, at its step, and its protocol as
+    ``eval.protocol.*`` tags (``launch/evaluate.py --mlflow-run``). Through ``MlflowClient``: the run's status is
+    left alone, unlike a resumed training run."""
+    client = mlflow_client(tracking_uri)
+    for key, value in metrics.items():
+        client.log_metric(run_id, clean_key(key), float(value), step=int(step))
+    for key, value in protocol.items():
+        text = json.dumps(value, sort_keys=True) if isinstance(value, dict) else value
+        client.set_tag(run_id, clean_key(f"eval.protocol.{key}"), clip(text, tag_limit()))
+
+
 def get_or_create_experiment(client: Any, name: str) -> str:
     """Id of the experiment ``name``, created if missing (restored if it was deleted)."""
     from mlflow.exceptions import MlflowException
@@ -335,4 +360,4 @@ def to_uint8_image(image: Any) -> np.ndarray:
 
 
 __all__ = ["Tracker", "NullTracker", "MLflowTracker", "make_tracker", "mlflow_client", "get_or_create_experiment",
-           "git_commit", "to_uint8_image", "STATUSES"]
+           "MlflowTarget", "log_evaluation", "git_commit", "to_uint8_image", "STATUSES"]

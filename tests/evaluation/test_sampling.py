@@ -22,6 +22,7 @@ from vitvq.evaluation.sampling import (SampleJob, SamplePlan, SampleWorker, chec
                                        sample_seed)
 from vitvq.launch.sample import main
 from vitvq.models.prior import Prior, PriorConfig
+from vitvq.models.sampling import SamplingSettings
 from vitvq.models.tokenizer import Tokenizer, TokenizerConfig
 
 FAST = ["--no-progress", "--device", "cpu"]
@@ -60,8 +61,8 @@ def exports(tmp_path_factory) -> dict[str, str]:
 
 
 def job(per_class: int = 2, classes: tuple[int, ...] = tuple(range(10)), batch_size: int = 7, **kw) -> SampleJob:
-    kw = {"cfg_scale": 2.0, "top_k": 40, "top_p": 0.95, **kw}
-    return SampleJob(SamplePlan(classes, per_class, seed=3), batch_size=batch_size, **kw)
+    settings = SamplingSettings(**{"cfg_scale": 2.0, "top_k": 40, "top_p": 0.95, "seed": 3, **kw})
+    return SampleJob(SamplePlan(classes, per_class, seed=3), settings, batch_size=batch_size)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +105,7 @@ def test_class_major_order_and_per_sample_seeds():
     assert len(seeds) == 4000  # distinct over samples and base seeds
     assert plan.grid_indices(rows=2, cols=3) == [[0, 1, 2], [4, 5, 6]]
     # Chunks of consecutive samples, dealt round-robin: every world size covers each sample once.
-    j = SampleJob(plan, batch_size=5)
+    j = SampleJob(plan, SamplingSettings(seed=5), batch_size=5)
     for world in (1, 2, 3, 5):
         got = np.concatenate([c for r in range(world) for c in j.chunks(r, world)])
         assert sorted(got.tolist()) == list(range(12))
@@ -135,7 +136,8 @@ def test_classes_get_different_seeds(exports):
     assert not np.array_equal(out.images[0], out.images[2])
     # ... and the class really is ignored: sample 0 of class 0 equals sample 0 drawn as class 5 from the same seed.
     w = SampleWorker(exports["blind"], exports["tok"])
-    w.start(SampleJob(SamplePlan((5, 1), 2, seed=3), batch_size=4, cfg_scale=2.0, top_k=40, top_p=0.95), 0, 1)
+    settings = SamplingSettings(cfg_scale=2.0, top_k=40, top_p=0.95, seed=3)
+    w.start(SampleJob(SamplePlan((5, 1), 2, seed=3), settings, batch_size=4), 0, 1)
     w.step(1)
     np.testing.assert_array_equal(w.result().in_order(4)[0][0], out.images[0])
 
@@ -178,18 +180,20 @@ def test_mismatched_prior_is_refused_naming_both_files(exports, tmp_path: Path, 
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--per-class", "0"], "--per-class: must be >= 1"),
-    (["--top-p", "0"], "--top-p: must be in (0, 1]"),
-    (["--top-k", "-1"], "--top-k: must be >= 0"),
-    (["--top-k", "65"], "--top-k: 65 is more than the prior's vocabulary"),
-    (["--temperature", "-1"], "--temperature: must be >= 0"),
-    (["--seed", "-1"], "--seed: must be in [0, 2**32)"),
-    (["--batch-size", "0"], "--batch-size: must be >= 1"),
-    (["--classes", "3,10"], "--classes/--per-class: classes [10] outside [0, 10)"),
-    (["--classes", "3,3"], "--classes/--per-class: classes repeat: [3]"),
+    (["--per-class", "0"], "--per-class (per_class) = 0: must be >= 1"),
+    (["--top-p", "0"], "--top-p (top_p) = 0.0: must be in (0, 1]"),
+    (["--top-k", "-1"], "--top-k (top_k) = -1: must be >= 0"),
+    (["--top-k", "65"], "--top-k (top_k) = 65: more than the prior's vocabulary"),
+    (["--temperature", "-1"], "--temperature (temperature) = -1.0: must be >= 0"),
+    (["--seed", "-1"], "--seed (seed) = -1: must be in [0, 2**32)"),
+    (["--batch-size", "0"], "--batch-size (batch_size) = 0: must be >= 1"),
+    (["--classes", "3,10"], "--classes (classes) = [3, 10]: classes [10] outside [0, 10)"),
+    (["--classes", "3,3"], "--classes (classes) = [3, 3]: name each class once"),
     (["--classes", "a"], "--classes: expected comma-separated integers"),
-    (["--out", "x.npy"], "--out: must end in .npz"),
-    (["--workers", "2", "--device", "cuda", "--gpus-per-worker", "0"], "--gpus-per-worker: must be > 0"),
+    (["--out", "x.npy"], "--out (out) = 'x.npy': must end in .npz"),
+    (["--workers", "2", "--device", "cuda", "--gpus-per-worker", "0"],
+     "--device (device) = 'cuda': cuda in Ray actors needs --gpus-per-worker > 0"),
+    (["--cfg-scale", "inf"], "--cfg-scale (cfg_scale) = inf: must be a finite number >= 0"),
 ])
 def test_bad_arguments_are_refused_naming_the_flag(exports, tmp_path: Path, capsys, args, message):
     argv = ["--prior", exports["prior"], "--tokenizer", exports["tok"], "--cfg", "2", "--out", str(tmp_path / "s.npz")]
@@ -201,8 +205,27 @@ def test_bad_arguments_are_refused_naming_the_flag(exports, tmp_path: Path, caps
 
 def test_unconditional_prior_refuses_guidance_and_classes(exports, tmp_path: Path, capsys):
     argv = ["--prior", exports["uncond"], "--tokenizer", exports["tok"], "--out", str(tmp_path / "s.npz"), *FAST]
-    for extra, message in ((["--cfg", "2"], "--cfg: the prior"),
-                           (["--cfg", "1", "--classes", "0"], "--classes: the prior")):
+    for extra, message in ((["--cfg", "2"], "--cfg (cfg_scale) = 2.0: the prior"),
+                           (["--cfg", "1", "--classes", "0"], "--classes (classes) = [0]: the prior")):
         with pytest.raises(SystemExit):
             main(argv + extra)
         assert message in capsys.readouterr().err
+
+
+def test_each_sampling_setting_is_declared_once(cli_run) -> None:
+    """``models.sampling.SamplingSettings`` is the one declaration: generate() and the sampler take the object (no
+    keyword of their own), the job, the pipeline step and the training grid inherit it, the protocol records all of
+    it, and a job's plan cannot carry a second seed."""
+    import dataclasses
+    import inspect
+    from vitvq.evaluation.jobs import SampleConfig
+    from vitvq.models.sampling import generate, sample_logits
+    from vitvq.trainer.pipeline_config import SampleStep
+    from vitvq.trainer.stage2 import SampleGridConfig
+    names = {f.name for f in dataclasses.fields(SamplingSettings)}
+    for fn in (generate, sample_logits):
+        assert not names & set(inspect.signature(fn).parameters), fn.__name__
+    assert all(issubclass(c, SamplingSettings) for c in (SampleConfig, SampleStep, SampleGridConfig))
+    assert names <= set(cli_run["protocol"])
+    with pytest.raises(ValueError, match="the plan's seed 3 is not the settings' seed 0"):
+        SampleJob(SamplePlan((0,), 1, seed=3), SamplingSettings())

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vitvq.models.prior import KVCache, Prior
-from vitvq.models.sampling import cfg_scales, generate, sample_logits
+from vitvq.models.sampling import SamplingSettings, cfg_scales, generate, sample_logits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 # The debug preset, and each bigger family's block shapes (head_dim 64 for small and LlamaGen, 96 for VIM-Base)
@@ -26,6 +26,11 @@ def gens(seeds) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(1000 + s) for s in seeds]
 
 
+def settings(**kw) -> SamplingSettings:
+    """Sampling settings with no guidance unless asked for (cfg_scale 1)."""
+    return SamplingSettings(**{"cfg_scale": 1.0, **kw})
+
+
 # -- decoding -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("conditional", [True, False])
@@ -34,7 +39,7 @@ def test_kv_cache_equals_full_recomputation(family: str, conditional: bool, prio
     labels = prior.labels_for(model, 3)
     runs = {}
     for use_cache in (True, False):  # greedy: identical tokens, and the logits of every step
-        runs[use_cache] = generate(model, labels, temperature=0.0, use_cache=use_cache, return_logits=True)
+        runs[use_cache] = generate(model, labels, settings(temperature=0.0), use_cache=use_cache, return_logits=True)
     (tok_c, log_c), (tok_r, log_r) = runs[True], runs[False]
     assert torch.equal(tok_c, tok_r)
     torch.testing.assert_close(log_c, log_r, atol=1e-5, rtol=0)
@@ -44,9 +49,9 @@ def test_kv_cache_equals_full_recomputation(family: str, conditional: bool, prio
         torch.testing.assert_close(log_c, model(tok_c, labels), atol=1e-5, rtol=0)
     # Sampled, with guidance where there is a class: the same generators give the same tokens both ways.
     cfg = 2.0 if conditional else 1.0
-    kw = dict(cfg_scale=cfg, temperature=1.0, top_k=20, top_p=0.95)
-    assert torch.equal(generate(model, labels, generators=gens(range(3)), **kw),
-                       generate(model, labels, generators=gens(range(3)), use_cache=False, **kw))
+    s = settings(cfg_scale=cfg, temperature=1.0, top_k=20, top_p=0.95)
+    assert torch.equal(generate(model, labels, s, generators=gens(range(3))),
+                       generate(model, labels, s, generators=gens(range(3)), use_cache=False))
 
 
 def test_kv_cache_is_static_and_refuses_overflow(prior) -> None:
@@ -84,7 +89,8 @@ def test_cache_modes_and_chunked_prefill_equal_teacher_forcing(full_length: bool
 
 
 # -- guidance -----------------------------------------------------------------------------------------------
-def guided_reference(model: Prior, labels: torch.Tensor, scales: list[float], **sample_kw) -> torch.Tensor:
+def guided_reference(model: Prior, labels: torch.Tensor, scales: list[float], s: SamplingSettings,
+                     generators: list[torch.Generator]) -> torch.Tensor:
     """Guidance written out: two teacher-forced forwards (cond, null) per step, mix, then sample."""
     B, N = labels.shape[0], model.cfg.seq_len
     tokens = torch.zeros(B, N, dtype=torch.long)
@@ -92,7 +98,7 @@ def guided_reference(model: Prior, labels: torch.Tensor, scales: list[float], **
     with torch.no_grad():
         for t in range(N):
             c, u = model(tokens[:, :t + 1], labels)[:, -1], model(tokens[:, :t + 1], null)[:, -1]
-            tokens[:, t] = sample_logits(u + scales[t] * (c - u), **sample_kw)
+            tokens[:, t] = sample_logits(u + scales[t] * (c - u), s, generators)
     return tokens
 
 
@@ -102,19 +108,19 @@ def test_cfg_scale_one_is_conditional_and_zero_is_unconditional(prior) -> None:
     null = torch.full_like(labels, model.cfg.null_class)
     kw = dict(temperature=1.0, top_k=30, top_p=0.9)
     for schedule in ("constant", "linear"):  # linear at scale 1 is 1 everywhere
-        one, logits = generate(model, labels, cfg_scale=1.0, cfg_schedule=schedule, generators=gens(range(4)),
-                               return_logits=True, **kw)
+        one, logits = generate(model, labels, settings(cfg_schedule=schedule, **kw), generators=gens(range(4)),
+                               return_logits=True)
         with torch.no_grad():
             torch.testing.assert_close(logits, model(one, labels), atol=1e-5, rtol=0)  # conditional logits
-        assert torch.equal(one, guided_reference(model, labels, [1.0] * 16, generators=gens(range(4)), **kw))
+        assert torch.equal(one, guided_reference(model, labels, [1.0] * 16, settings(**kw), gens(range(4))))
     rows = []  # scale 1 runs the plain conditional batch: no doubled rows, half the work
     model.new_cache = lambda batch, **k: rows.append(batch) or Prior.new_cache(model, batch, **k)
-    generate(model, labels, cfg_scale=1.0, cfg_schedule="linear", temperature=0.0)
-    generate(model, labels, cfg_scale=2.0, temperature=0.0)
+    generate(model, labels, settings(cfg_schedule="linear", temperature=0.0))
+    generate(model, labels, settings(cfg_scale=2.0, temperature=0.0))
     assert rows == [4, 8]
     del model.new_cache
-    zero = generate(model, labels, cfg_scale=0.0, generators=gens(range(4)), **kw)
-    uncond = generate(model, null, cfg_scale=1.0, generators=gens(range(4)), **kw)
+    zero = generate(model, labels, settings(cfg_scale=0.0, **kw), generators=gens(range(4)))
+    uncond = generate(model, null, settings(**kw), generators=gens(range(4)))
     assert torch.equal(zero, uncond)
     assert not torch.equal(zero, one)  # the condition matters in this model
 
@@ -125,9 +131,9 @@ def test_cfg_mixes_raw_logits_with_its_schedule(schedule: str, prior) -> None:
     labels = torch.tensor([3, 7, 1])
     scales = cfg_scales(schedule, 4.0, 16)
     kw = dict(temperature=0.7, top_k=12, top_p=0.8)
-    out, logits = generate(model, labels, cfg_scale=4.0, cfg_schedule=schedule, generators=gens(range(3)),
-                           return_logits=True, **kw)
-    assert torch.equal(out, guided_reference(model, labels, scales, generators=gens(range(3)), **kw))
+    out, logits = generate(model, labels, settings(cfg_scale=4.0, cfg_schedule=schedule, **kw),
+                           generators=gens(range(3)), return_logits=True)
+    assert torch.equal(out, guided_reference(model, labels, scales, settings(**kw), gens(range(3))))
     with torch.no_grad():  # the returned logits are the mix of the two teacher-forced passes on the samples
         c, u = model(out, labels), model(out, torch.full_like(labels, 10))
     s = torch.tensor(scales)[None, :, None]
@@ -143,12 +149,12 @@ def test_cfg_schedules(prior) -> None:
         cfg_scales("cosine", 3.0, 4)
     model = prior.build()
     labels = torch.tensor([3, 7, 1])
-    lin_tokens = generate(model, labels, cfg_scale=4.0, cfg_schedule="linear", temperature=0.0)
-    const_tokens = generate(model, labels, cfg_scale=4.0, temperature=0.0)
-    assert lin_tokens[:, 0].tolist() == generate(model, labels, temperature=0.0)[:, 0].tolist()  # s = 1 first
+    lin_tokens = generate(model, labels, settings(cfg_scale=4.0, cfg_schedule="linear", temperature=0.0))
+    const_tokens = generate(model, labels, settings(cfg_scale=4.0, temperature=0.0))
+    assert lin_tokens[:, 0].tolist() == generate(model, labels, settings(temperature=0.0))[:, 0].tolist()  # s = 1 first
     assert not torch.equal(lin_tokens, const_tokens)
     with pytest.raises(ValueError, match="class-conditional"):
-        generate(prior.build(num_classes=0), torch.zeros(2, dtype=torch.long), cfg_scale=2.0, temperature=0.0)
+        generate(prior.build(num_classes=0), torch.zeros(2, dtype=torch.long), settings(cfg_scale=2.0, temperature=0.0))
 
 
 # -- sampling -----------------------------------------------------------------------------------------------
@@ -159,7 +165,7 @@ def test_sample_logits_filters_and_frequencies() -> None:
     g = gens(range(n))
 
     def counts(**kw) -> torch.Tensor:
-        return torch.bincount(sample_logits(logits, generators=gens(range(n)), **kw), minlength=4).float()
+        return torch.bincount(sample_logits(logits, settings(**kw), gens(range(n))), minlength=4).float()
 
     def within(c: torch.Tensor, p: torch.Tensor) -> bool:  # 5 binomial sigmas per token
         return bool(((c - n * p).abs() <= 5 * (n * p * (1 - p)).sqrt() + 1e-9).all())
@@ -170,17 +176,17 @@ def test_sample_logits_filters_and_frequencies() -> None:
     assert within(counts(top_p=0.85), torch.tensor([0, 0.5, 0.15, 0.3]) / 0.95)
     t2 = (probs.log() / 2).softmax(-1)
     assert within(counts(temperature=2.0), t2)
-    assert torch.equal(sample_logits(logits[:5], temperature=0.0), torch.ones(5, dtype=torch.long))
-    assert torch.equal(sample_logits(logits[:5], top_k=1, generators=g[:5]), torch.ones(5, dtype=torch.long))
+    assert torch.equal(sample_logits(logits[:5], settings(temperature=0.0)), torch.ones(5, dtype=torch.long))
+    assert torch.equal(sample_logits(logits[:5], settings(top_k=1), g[:5]), torch.ones(5, dtype=torch.long))
     with pytest.raises(ValueError, match="one torch.Generator per row"):
-        sample_logits(logits[:5], generators=g[:4])
+        sample_logits(logits[:5], settings(), g[:4])
 
 
 def test_sampler_is_exactly_batch_invariant_given_the_logits() -> None:
     logits = torch.randn(7, 512, generator=torch.Generator().manual_seed(0)) * 3
     for kw in (dict(), dict(top_k=50), dict(top_p=0.9), dict(top_k=100, top_p=0.5, temperature=0.8)):
-        together = sample_logits(logits, generators=gens(range(7)), **kw)
-        alone = torch.cat([sample_logits(logits[i:i + 1], generators=gens([i]), **kw) for i in range(7)])
+        together = sample_logits(logits, settings(**kw), gens(range(7)))
+        alone = torch.cat([sample_logits(logits[i:i + 1], settings(**kw), gens([i])) for i in range(7)])
         assert torch.equal(together, alone)
 
 
@@ -194,8 +200,8 @@ def test_sampler_near_ties_move_tokens_only_by_the_noise() -> None:
     a[1] += 1e-6
     b[2] += 1e-6
     for kw in (dict(top_k=4), dict(top_p=0.9), dict(top_k=6, top_p=0.8)):
-        ta = sample_logits(a.repeat(n, 1), generators=gens(range(n)), **kw)
-        tb = sample_logits(b.repeat(n, 1), generators=gens(range(n)), **kw)
+        ta = sample_logits(a.repeat(n, 1), settings(**kw), gens(range(n)))
+        tb = sample_logits(b.repeat(n, 1), settings(**kw), gens(range(n)))
         assert (ta != tb).sum() <= 2, kw
 
 
@@ -209,9 +215,9 @@ def test_sampling_batch_invariance(cfg_scale: float, prior) -> None:
     # these seeds, and the bound below is what was measured, not a tolerance on the tokens.
     model = prior.build()
     labels = torch.tensor([0, 3, 5, 10, 9, 2, 7])  # 10 = the null class
-    kw = dict(cfg_scale=cfg_scale, temperature=1.0, top_k=40, top_p=0.95)
-    together, log_t = generate(model, labels, generators=gens(range(7)), return_logits=True, **kw)
-    rows = [generate(model, labels[i:i + 1], generators=gens([i]), return_logits=True, **kw) for i in range(7)]
+    s = settings(cfg_scale=cfg_scale, temperature=1.0, top_k=40, top_p=0.95)
+    together, log_t = generate(model, labels, s, generators=gens(range(7)), return_logits=True)
+    rows = [generate(model, labels[i:i + 1], s, generators=gens([i]), return_logits=True) for i in range(7)]
     alone, log_a = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
     assert torch.equal(together, alone)
     assert (log_t - log_a).abs().max() < 1e-5
