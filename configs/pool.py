@@ -1,8 +1,8 @@
 """A pool's resources, declared once: where a bulk job (sampling, evaluation, token encoding) runs.
 
-``evaluation/pool.ActorPool`` runs such jobs on Ray actors or in this process. The jobs' configs inherit
+``data/pool.ActorPool`` runs such jobs on Ray actors or in this process. The jobs' configs inherit
 ``PoolJobConfig`` (``evaluation/jobs.py``, ``data/encode.py``: hence the flags ``--workers``, ``--device``, ...), and
-the pipeline's bulk steps ``PoolConfig`` (``trainer/pipeline_config.py``), each with its own defaults. Standard
+the pipeline's bulk steps ``PoolConfig`` (``launch/orchestration/pipeline_config.py``), each with its own defaults. Standard
 library only (plus ``configs.schema``), so that every layer may use it.
 """
 

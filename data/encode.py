@@ -14,7 +14,7 @@ centered largest square, one antialiased resize to the tokenizer's ``image_size`
   mirror image (as torchvision, whose mirrored center sits one pixel over when the margin is odd), so that view 0
   is always the central view; torchvision orders them top-left, top-right, bottom-left, bottom-right, center.
 
-Work is spread with ``evaluation.pool.ActorPool``: ``workers=0`` encodes in this process (no Ray; the right
+Work is spread with ``data.pool.ActorPool``: ``workers=0`` encodes in this process (no Ray; the right
 choice for one GPU), ``workers=N`` runs N Ray actors (a local cluster, or ``address``); worker ``w`` takes the
 to-do shards ``w::N``. The output is the same for any N. Several machines: ``--address`` of a Ray cluster whose
 nodes share the output folder. torchrun is not supported (``WORLD_SIZE > 1`` is refused by the launcher): one
@@ -243,7 +243,7 @@ def encode_tokens(tokenizer: str | Path, shards: str, out: str | Path, *, name: 
                   progress: bool = True) -> dict[str, Any]:
     """Encode the image shards ``shards`` (spec or index .json; ``index`` for remote ones) with the export
     ``tokenizer`` into ``out``; returns the token index (also written), plus ``index_path``, ``written``, ``kept``."""
-    from vitvq.evaluation.pool import ActorPool
+    from vitvq.data.pool import ActorPool
     if augment not in VIEWS:
         raise ValueError(f"augment must be one of {sorted(VIEWS)}, not {augment!r}")
     if batch_size < 1 or workers < 0 or (limit is not None and limit < 1):

@@ -31,7 +31,7 @@ from PIL import Image
 from vitvq.configs import check
 from vitvq.evaluation.metrics import to_uint8
 from vitvq.evaluation.pictures import image_grid
-from vitvq.evaluation.pool import ActorPool
+from vitvq.data.pool import ActorPool
 from vitvq.models import prior as prior_mod
 from vitvq.models import tokenizer as tokenizer_mod
 from vitvq.models.sampling import SamplingSettings, generate

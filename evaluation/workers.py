@@ -3,7 +3,7 @@
 Each worker loads the feature extractor once, takes its slice of the data (``vitvq.evaluation.data``: index striding
 over a folder or an ``.npz``, ``rank/world_size`` over shards), accumulates the sums of ``vitvq.evaluation.metrics`` and
 hands them back; the driver adds them up, so FID/IS are the same for any number of workers. ``WorkerPool`` is an
-``evaluation.pool.ActorPool`` of these workers (the pool itself knows nothing of Inception).
+``data.pool.ActorPool`` of these workers (the pool itself knows nothing of Inception).
 
     pool = WorkerPool(workers=2, extractor="inception", weights=None)   # Ray local cluster unless address=...
     res = evaluate_gfid(pool, Source(npz="samples.npz"), ref="VIRTUAL_imagenet256_labeled.npz")
@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from vitvq.evaluation.inception import build_extractor, resolve_inception_weights
-from vitvq.evaluation.pool import ActorPool
+from vitvq.data.pool import ActorPool
 from vitvq.evaluation.data import IndexedData, Source, shard_batches  # Source re-exported: the API takes it
 from vitvq.evaluation.metrics import (LPIPS_MODES, NETWORK_KEYS, PROTOCOL_KEYS_MUST_MATCH, FIDStats, ISStats, ReconStats,
                              RefStats, build_lpips, fid_against, is_split_ids, load_ref_stats, protocol_mismatches,

@@ -8,7 +8,7 @@
 
 Steps: stage1 (Ray Train) -> export (a Ray task) -> encode (Ray actors) -> stage2 (Ray Train) -> ref (reference
 statistics of the validation images, unless gfid.ref names a file) -> sample -> gfid. A step whose output exists
-with the same lineage hash (``trainer/pipeline.py``) is skipped, so the same command continues an interrupted
+with the same lineage hash (``launch/orchestration/pipeline.py``) is skipped, so the same command continues an interrupted
 pipeline and a changed recipe re-runs only what depends on it. Dotted overrides address the pipeline config
 (``stage1.overrides=[train.steps=100]``, ``sample.per_class=8``). ``--address http(s)://...`` submits this very
 command as a Ray job (``launch/submit.py``: uploads this checkout, follows the logs, exits with the job's status);
@@ -57,7 +57,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if args.address and args.address.startswith(("http://", "https://")):
         from vitvq.launch import submit
         sys.exit(submit.main(job_argv(args, argv)))
-    from vitvq.trainer.pipeline import Pipeline, load_pipeline_config
+    from vitvq.launch.orchestration.pipeline import Pipeline, load_pipeline_config
     stray = [o for o in args.overrides if "=" not in o]
     if stray:
         sys.exit(f"error: unexpected argument(s) {stray}; overrides are written key=value, e.g. sample.per_class=8")

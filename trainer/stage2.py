@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from vitvq.configs import check
-from vitvq.data import build_token_eval_loader, build_token_stream, check_lineage, index_checksum, token_index
+from vitvq.data import build_token_eval_loader, build_token_stream, check_lineage, index_checksum
 from vitvq.data.shards import sha256_file
 from vitvq.data.tokens import TokenDataConfig, index_token_facts
 from vitvq.evaluation.pictures import image_grid

@@ -3,7 +3,7 @@
 A step's key holds what its output depends on (``training_key``: a resolved recipe minus bookkeeping; the step's
 settings; the sha256 of the files it reads); its lineage is the sha256 of that key. ``read_manifest`` returns a
 step's record only when the manifest has the same lineage and every output is still there with its recorded
-sha256, so ``trainer/pipeline.py`` reruns a step exactly when something it depends on, or its output, changed.
+sha256, so ``launch/orchestration/pipeline.py`` reruns a step exactly when something it depends on, or its output, changed.
 """
 
 from __future__ import annotations

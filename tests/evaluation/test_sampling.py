@@ -220,7 +220,7 @@ def test_each_sampling_setting_is_declared_once(cli_run) -> None:
     import inspect
     from vitvq.evaluation.jobs import SampleConfig
     from vitvq.models.sampling import generate, sample_logits
-    from vitvq.trainer.pipeline_config import SampleStep
+    from vitvq.launch.orchestration.pipeline_config import SampleStep
     from vitvq.trainer.stage2 import SampleGridConfig
     names = {f.name for f in dataclasses.fields(SamplingSettings)}
     for fn in (generate, sample_logits):

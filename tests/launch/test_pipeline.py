@@ -1,4 +1,4 @@
-"""The whole pipeline (``launch/pipeline.py``, ``trainer/pipeline.py``) on the tiny presets, on a real local Ray cluster.
+"""The whole pipeline (``launch/pipeline.py``, ``launch/orchestration/pipeline.py``) on the tiny presets, on a real local Ray cluster.
 
 Three invocations of the real command share one output root and one MLflow store (SQLite in tmp): the first runs
 every step, the second skips every step, the third changes the tokenizer's recipe and must re-run the tokenizer
@@ -138,7 +138,7 @@ def test_runs_once_skips_on_rerun_and_reruns_what_a_changed_tokenizer_feeds(pipe
 
 # -- without Ray ----------------------------------------------------------------------------------
 def test_a_prior_that_does_not_fit_the_tokenizer_is_refused_before_anything_starts() -> None:
-    from vitvq.trainer.pipeline import Pipeline, load_pipeline_config
+    from vitvq.launch.orchestration.pipeline import Pipeline, load_pipeline_config
     with pytest.raises(ValueError, match=r"prior.vocab_size=32 .* 64 codes: set stage2.overrides: \[prior.vocab_size=64\]"):
         Pipeline(load_pipeline_config(CONFIG, ["stage2.overrides=[prior.vocab_size=32]"]))
     with pytest.raises(ValueError, match=r"prior.grid=8 but the stage-1 tokenizer makes 4x4 codes at 32 px"):
@@ -151,7 +151,7 @@ def test_every_pipeline_field_has_a_docstring_and_bad_values_name_the_field() ->
     import dataclasses
     import typing
     from vitvq.configs import ConfigError, field_docs
-    from vitvq.trainer.pipeline import PipelineConfig, load_pipeline_config
+    from vitvq.launch.orchestration.pipeline import PipelineConfig, load_pipeline_config
     todo, seen = [PipelineConfig], set()
     while todo:
         cls = todo.pop()
@@ -172,7 +172,7 @@ def test_every_pipeline_field_has_a_docstring_and_bad_values_name_the_field() ->
 
 def test_a_step_whose_recorded_output_changed_or_vanished_runs_again(tmp_path: Path) -> None:
     from vitvq.data.shards import sha256_file
-    from vitvq.trainer.pipeline import lineage_hash, read_manifest, write_manifest
+    from vitvq.launch.orchestration.pipeline import lineage_hash, read_manifest, write_manifest
     folder = tmp_path / "sample-x"
     folder.mkdir()
     out, run_dir = folder / "samples.npz", folder / "run"

@@ -168,7 +168,7 @@ def test_evaluation_actors_made_in_a_train_worker_sit_outside_its_placement_grou
 
     def train_fn() -> dict:
         import ray
-        from vitvq.evaluation.pool import ActorPool
+        from vitvq.data.pool import ActorPool
 
         class Probe:  # defined here, so that Ray ships it by value
             def ready(self) -> bool:

@@ -1,8 +1,8 @@
-"""The pipeline's config (``configs/pipeline/*.yaml``): the recipes and resources of each step of ``trainer/pipeline.py``.
+"""The pipeline's config (``configs/pipeline/*.yaml``): the recipes and resources of each step of ``launch/orchestration/pipeline.py``.
 
 Every field is validated at load (``launch/pipeline.py`` refuses a bad value with its dotted name before any step runs).
 The bulk steps are made of the jobs' own pieces (the pool's resources, the sampling settings, the encoding options,
-the gFID settings), so that a setting is declared once; ``trainer/pipeline.py`` builds each job's config from them.
+the gFID settings), so that a setting is declared once; ``launch/orchestration/pipeline.py`` builds each job's config from them.
 """
 
 from __future__ import annotations

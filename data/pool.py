@@ -1,7 +1,9 @@
 """A pool of Ray actors that each hold a model loaded once and run bulk jobs over slices of a dataset.
 
-Evaluation (``evaluation/workers.py``: Inception statistics, rFID) uses it, and so can any other bulk job that
-reads a dataset once (encoding images to tokens, sampling). A worker class implements three methods:
+Token encoding (``data/encode.py``), evaluation (``evaluation/workers.py``: Inception statistics, rFID, also in the
+background of a training) and sampling use it. It sits in ``data/``, the lowest layer that runs such jobs, rather than
+with the orchestration in ``launch/orchestration/``: the single-job Trainer's background evaluator and the encoder,
+both below that layer, start pools too. It imports nothing of vitvq. A worker class implements three methods:
 
     start(job, rank, world_size) -> int        # take slice ``rank`` of ``world_size``; its number of items
     step(max_batches) -> (items done, finished)

@@ -3,7 +3,7 @@
 ``launch/pipeline.py --config configs/pipeline/<name>.yaml`` runs it on a Ray cluster (a local one by default).
 Each step runs with its own resources: the two trainings as Ray Train runs (``launch/orchestration/ray_train.fit``, the same
 as ``launch/ray_train.py``), the export as a Ray task, and encoding, reference statistics, sampling and gFID on
-their own Ray actor pools (``evaluation/pool.py``): the job functions their launchers call (``evaluation/jobs.py``,
+their own Ray actor pools (``data/pool.py``): the job functions their launchers call (``evaluation/jobs.py``,
 ``data/encode.py``, ``trainer/export.py``), each given a typed config built from the step's settings.
 
 Lineage. Every step's output is a function of a key: the resolved recipe of a training (without bookkeeping such
@@ -41,7 +41,7 @@ from vitvq.configs.pool import PoolConfig
 from vitvq.models.tokens import check_prior_fits
 from vitvq.trainer.config import load_job_config
 from vitvq.launch.orchestration.lineage import lineage_hash, read_manifest, training_key, write_manifest
-from vitvq.trainer.pipeline_config import (EncodeStep, GfidStep, PipelineConfig, SampleStep, TrainStep,
+from vitvq.launch.orchestration.pipeline_config import (EncodeStep, GfidStep, PipelineConfig, SampleStep, TrainStep,
                                            load_pipeline_config)
 
 STEPS = ("stage1", "export", "encode", "stage2", "ref", "sample", "gfid")
