@@ -29,13 +29,11 @@ skipped and listed in the index, never fatal.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import re
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -47,7 +45,7 @@ from vitvq.configs import check, to_dict
 from vitvq.configs.pool import PoolJobConfig
 from vitvq.data.cursor import Piece, read_raw
 from vitvq.data.shards import sha256_file
-from vitvq.data.tokens import KIND, VIEWS, TokenShardWriter, token_dtype
+from vitvq.data.tokens import KIND, VIEWS, TokenShardWriter, index_lock, record_entry, token_dtype, write_index
 from vitvq.data.transforms import image_bytes, label_of, load_crop, square_box, to_float
 from vitvq.data.urls import INDEX_FORMAT, _beside, index_checksum, index_path, load_index, resolve_shards, shard_name
 from vitvq.models.tokens import TokenFacts, check_prior_fits
@@ -183,39 +181,6 @@ class EncodeWorker:
             writer.add(key.replace(".", "_"), c, label, key, src_name)
 
 
-# -- the index -----------------------------------------------------------------------------------------------
-@contextmanager
-def _locked(ipath: Path) -> Iterator[None]:
-    """Exclusive lock on the index of one output (workers record shards concurrently)."""
-    with open(f"{ipath}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-
-
-def write_index(ipath: Path, head: dict[str, Any], entries: list[dict], complete: bool) -> dict[str, Any]:
-    """Write the index of ``entries`` (sorted by shard name) atomically; its bytes depend on nothing else."""
-    entries = sorted(entries, key=lambda e: e["name"])
-    index = {**head, "complete": complete, "num_samples": sum(e["samples"] for e in entries),
-             "num_skipped": sum(len(e["skipped"]) for e in entries),
-             "skipped": [{"src_shard": e["src_shard"], **s} for e in entries for s in e["skipped"]],
-             "shards": entries}
-    tmp = ipath.with_name(f"{ipath.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, ipath)
-    return index
-
-
-def record_entry(ipath: Path, head: dict[str, Any], entry: dict) -> None:
-    """Add a finished shard to the (incomplete) index, so that a rerun after a crash keeps it."""
-    with _locked(ipath):
-        try:
-            entries = {e["name"]: e for e in json.loads(ipath.read_text())["shards"]}
-        except (OSError, json.JSONDecodeError, KeyError):
-            entries = {}
-        entries[entry["name"]] = entry
-        write_index(ipath, head, list(entries.values()), complete=False)
-
-
 # -- the plan and the driver ---------------------------------------------------------------------------------
 def _numbers(urls: tuple[str, ...]) -> list[int]:
     """Output shard numbers: the source shards' own numbers (``x-train-000042.tar`` -> 42), else their positions."""
@@ -302,7 +267,7 @@ def encode_tokens(tokenizer: str | Path, shards: str, out: str | Path, *, name: 
         print(f"warning: {len(extra)} shard files in {out} are not part of this plan (e.g. {extra[0]}); they are left "
               "in place and not listed in the index")
 
-    with _locked(ipath):
+    with index_lock(ipath):
         write_index(ipath, head, kept, complete=not todo)
     done = EncodeResult()
     if todo:
@@ -315,7 +280,7 @@ def encode_tokens(tokenizer: str | Path, shards: str, out: str | Path, *, name: 
                             unit="img")
         finally:
             pool.close()
-    with _locked(ipath):
+    with index_lock(ipath):
         result = write_index(ipath, head, kept + done.entries, complete=len(kept) + len(done.entries) == len(tasks))
     Path(f"{ipath}.lock").unlink(missing_ok=True)
     return {**result, "index_path": str(ipath), "written": len(done.entries), "kept": len(kept)}

@@ -25,13 +25,15 @@ by that position's RNG (``views: random``), so a resumed stream shows the same v
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
 import tarfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import numpy as np
 import torch
@@ -280,6 +282,40 @@ def check_lineage(spec: str, tokenizer_path: str | Path, index: Optional[str] = 
     return info
 
 
+# -- writing the index (data/encode.py) --------------------------------------------------------------
+@contextmanager
+def index_lock(ipath: Path) -> Iterator[None]:
+    """Exclusive lock on the index of one output (workers record shards concurrently)."""
+    with open(f"{ipath}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def write_index(ipath: Path, head: dict[str, Any], entries: list[dict], complete: bool) -> dict[str, Any]:
+    """Write the index of ``entries`` (sorted by shard name) atomically; its bytes depend on nothing else."""
+    entries = sorted(entries, key=lambda e: e["name"])
+    index = {**head, "complete": complete, "num_samples": sum(e["samples"] for e in entries),
+             "num_skipped": sum(len(e["skipped"]) for e in entries),
+             "skipped": [{"src_shard": e["src_shard"], **s} for e in entries for s in e["skipped"]],
+             "shards": entries}
+    tmp = ipath.with_name(f"{ipath.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(index, indent=1))
+    os.replace(tmp, ipath)
+    return index
+
+
+def record_entry(ipath: Path, head: dict[str, Any], entry: dict) -> None:
+    """Add a finished shard to the (incomplete) index, so that a rerun after a crash keeps it."""
+    with index_lock(ipath):
+        try:
+            entries = {e["name"]: e for e in json.loads(ipath.read_text())["shards"]}
+        except (OSError, json.JSONDecodeError, KeyError):
+            entries = {}
+        entries[entry["name"]] = entry
+        write_index(ipath, head, list(entries.values()), complete=False)
+
+
+
 __all__ = ["TokenDataConfig", "TokenStream", "TokenShardWriter", "TokenLineageError", "build_token_stream",
-           "build_token_eval_loader", "token_index", "token_grid", "token_vocab_size", "index_token_facts",
-           "check_lineage", "token_dtype", "VIEWS", "KIND"]
+           "build_token_eval_loader", "index_lock", "write_index", "record_entry", "token_index", "token_grid",
+           "token_vocab_size", "index_token_facts", "check_lineage", "token_dtype", "VIEWS", "KIND"]
