@@ -41,7 +41,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Without ``--full``, the e2e tests are deselected (reported at the end, with the command that runs them)."""
+    """Without ``--full``, the e2e tests are deselected (reported at the end, with the command that runs them). The
+    tests on the session's Ray cluster run last, in their order, so that its idle daemons (GCS, raylets, dashboard
+    agents) do not share the 2 cores with every other test of the session."""
+    items.sort(key=lambda item: "ray_cluster" in item.fixturenames)  # stable: the order within each group is kept
     if config.getoption("--full"):
         return
     e2e = [item for item in items if item.get_closest_marker("e2e")]

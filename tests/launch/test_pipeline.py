@@ -1,4 +1,5 @@
-"""The whole pipeline (``launch/pipeline.py``, ``launch/orchestration/pipeline.py``) on the tiny presets, on a real local Ray cluster.
+"""The whole pipeline (``launch/pipeline.py``, ``launch/orchestration/pipeline.py``) on the tiny presets, on a real Ray
+cluster (the session's: a head and two 1-CPU nodes on this machine, joined with ``--address``).
 
 Three invocations of the real command share one output root and one MLflow store (SQLite in tmp): the first runs
 every step, the second skips every step, the third changes the tokenizer's recipe and must re-run the tokenizer
@@ -10,11 +11,9 @@ checks of the recorded outputs run without Ray.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -41,23 +40,23 @@ def runs(uri: str) -> tuple[object, list]:
 
 
 @pytest.fixture(scope="module")
-def pipeline(make_launch_env, tmp_path_factory: pytest.TempPathFactory):
+def pipeline(make_launch_env, tmp_path_factory: pytest.TempPathFactory, ray_cluster):
     """``pipeline(*overrides)``: one invocation of the real command from the repository root (the recipes' paths are
-    relative to it) with its own local Ray cluster (temp files in a short folder); returns the completed process."""
+    relative to it), joining the session's Ray cluster (``--address``, as on a running cluster); returns the completed
+    process."""
     tmp = tmp_path_factory.mktemp("pipeline")
-    ray_tmp = tempfile.mkdtemp(prefix="pl", dir="/tmp")
-    env = {**make_launch_env(tmp), "RAY_TMPDIR": ray_tmp}
+    env = make_launch_env(tmp)
     root = tmp / "root"
 
     def invoke(*overrides: str) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, str(ROOT / "launch" / "pipeline.py"), "--config", CONFIG, f"root={root}",
-               "progress=false", *overrides]
+        ray_cluster.restore()
+        cmd = [sys.executable, str(ROOT / "launch" / "pipeline.py"), "--config", CONFIG, "--address",
+               ray_cluster.address, f"root={root}", "progress=false", *overrides]
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=str(ROOT))
         assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-8000:]
         return res
     invoke.root, invoke.uri = root, env["MLFLOW_TRACKING_URI"]
-    yield invoke
-    shutil.rmtree(ray_tmp, ignore_errors=True)
+    return invoke
 
 
 def statuses(stdout: str) -> dict[str, str]:
