@@ -284,24 +284,27 @@ class CheckpointManager:
         """Load every engine; returns (client state of the first engine, this rank's state or None)."""
         client_state: dict[str, Any] = {}
         for name, engine in engines.items():
-            state = load_engine(engine, self.root / tag, engine_tags[name])
+            universal = engine_tags[name] != name  # the buffers are not in the universal format: see load_engine
+            state = load_engine(engine, self.root / tag, engine_tags[name], buffers_from=name if universal else None)
             client_state = client_state or state
         mine = rank_file(self.root / tag, self.dist.rank)
         rank_state = torch.load(mine, weights_only=False) if mine.is_file() else None
         return client_state, rank_state
 
-    def data_state(self, tag: str, world_size: int) -> dict[str, Any]:
-        """Collective: the data state that every rank of another world size continues from, the same on all of them.
+    def resize_state(self, tag: str, world_size: int) -> tuple[dict[str, Any], list[Optional[dict]]]:
+        """Collective: what every rank of another world size continues from, the same on all of them: the data
+        state, and the task states of all old ranks (rank order) for the task to share out among the new ranks.
 
         Rank 0 reads the files of all ``world_size`` ranks that wrote ``tag`` (the folder is shared storage) and
-        checks that they stopped at the same position (every rank consumes the same batches); the result is old
-        rank 0's state with the skipped samples of all old ranks, so that their total carries over (on new rank 0).
+        checks that they stopped at the same position (every rank consumes the same batches); the data state is old
+        rank 0's with the skipped samples of all old ranks, so that their total carries over (on new rank 0).
         """
-        state, error = None, None
+        state, tasks, error = None, [], None
         if self.dist.is_main:
             files = [rank_file(self.root / tag, r) for r in range(world_size)]
             missing = [f.name for f in files if not f.is_file()]
-            states = [] if missing else [torch.load(f, weights_only=False)["data"] for f in files]
+            loaded = [] if missing else [torch.load(f, weights_only=False) for f in files]
+            states = [s["data"] for s in loaded]
             positions = sorted({s.get("batches") for s in states})
             if missing:
                 error = f"{self.root / tag} lacks {missing}: the checkpoint is damaged"
@@ -311,7 +314,8 @@ class CheckpointManager:
                 state = dict(states[0])
                 if all(isinstance(s.get("skipped"), int) for s in states):
                     state["skipped"] = sum(s["skipped"] for s in states)
-        state, error = broadcast_object((state, error))  # every rank raises together, none waits forever
+                tasks = [s.get("task") for s in loaded]
+        state, tasks, error = broadcast_object((state, tasks, error))  # every rank raises together, none waits
         if error:
             raise RuntimeError(f"{error}; point {latest_file(self.root)} at an older complete checkpoint")
-        return state
+        return state, tasks

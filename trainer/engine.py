@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import deepspeed
 import torch
@@ -164,11 +164,44 @@ def save_engine(engine: Any, ckpt_dir: Path, tag: str, client_state: dict) -> No
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
 
 
-def load_engine(engine: Any, ckpt_dir: Path, tag: str) -> dict:
+def load_engine(engine: Any, ckpt_dir: Path, tag: str, buffers_from: Optional[str] = None) -> dict:
+    """Load engine checkpoint ``tag``; ``buffers_from``: the original tag of a universal-format ``tag``.
+
+    DeepSpeed's universal load (``checkpoint.load_universal``) restores parameters, optimizer and scheduler but
+    never calls ``load_module_state_dict`` (deepspeed 0.19.8, ``engine._load_checkpoint``): every buffer would
+    come back at its initial value -- a k-means "initialised" flag False (the next start re-runs k-means over the
+    trained codes), EMA codebooks at random, codebook windows empty. The buffers are read back from the original
+    checkpoint's module file instead, where every rank's copy is the one rank 0 saved (as on a same-size resume).
+    """
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+    if buffers_from is not None:
+        load_buffers(engine.module, ckpt_dir / buffers_from)
     return client_state or {}
+
+
+def load_buffers(module: torch.nn.Module, folder: Path) -> list[str]:
+    """Copy every persistent buffer of ``module`` from the DeepSpeed module file in ``folder``; returns the names.
+    A buffer missing from the file, or of another shape, is an error naming it (a checkpoint of another model)."""
+    files = sorted(folder.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no DeepSpeed module file (mp_rank_*_model_states.pt) to read the "
+                                f"buffers from: the checkpoint is damaged; point latest at an older complete one")
+    saved = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    params = {n for n, _ in module.named_parameters()}
+    names = []
+    with torch.no_grad():
+        for name, buf in module.state_dict(keep_vars=True).items():
+            if name in params or not isinstance(buf, torch.Tensor):
+                continue
+            if name not in saved or saved[name].shape != buf.shape:
+                got = "missing" if name not in saved else f"of shape {tuple(saved[name].shape)}"
+                raise RuntimeError(f"{files[0]}: buffer {name!r} is {got}, the model's is {tuple(buf.shape)}: the "
+                                   f"checkpoint was written by another model")
+            buf.copy_(saved[name])
+            names.append(name)
+    return names
 
 
 def convert_to_universal(ckpt_dir: Path, tag: str) -> str:

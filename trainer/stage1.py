@@ -113,6 +113,20 @@ class Stage1Task:
         """Each rank's dead-code restart pool: the vectors its next restart draws from."""
         return {"restart_pools": [cb.pool_state() for cb in self.gen.quantizer.codebooks()]}
 
+    @staticmethod
+    def resize_rank_states(old: list[Optional[dict]], rank: int, world: int) -> dict:
+        """At another world size no vector is lost: each codebook's old pools, joined in old-rank order, are dealt
+        out row by row (new rank r takes rows r, r + world, ...); a rank dealt nothing starts with an empty pool."""
+        saved = [s["restart_pools"] for s in old if s and s.get("restart_pools") is not None]
+        if not saved:
+            return {"restart_pools": None}
+        pools = []
+        for pieces in zip(*saved, strict=True):
+            kept = [p for p in pieces if p is not None]
+            joined = torch.cat(kept)[rank::world] if kept else None
+            pools.append(joined if joined is not None and len(joined) else None)
+        return {"restart_pools": pools}
+
     def load_rank_state_dict(self, state: dict) -> None:
         pools = state.get("restart_pools")
         if pools is not None:

@@ -145,6 +145,9 @@ class Task(Protocol):
     # Optional: state that differs per rank (saved in each rank's own file, restored when the world size is the same):
     #   def rank_state_dict(self) -> dict[str, Any]
     #   def load_rank_state_dict(self, state: dict[str, Any]) -> None
+    # and, for a resume at another world size, how the old ranks' states (rank order, None where a rank had none)
+    # are shared out: the state new rank ``rank`` of ``world`` loads.
+    #   def resize_rank_states(self, old: list[Optional[dict]], rank: int, world: int) -> dict[str, Any]
 
 
 def _stage1() -> tuple[type, type]:

@@ -134,19 +134,26 @@ class Trainer:
             set_rng_state(rank_state["rng"])
             if "task" in rank_state and hasattr(self.task, "load_rank_state_dict"):
                 self.task.load_rank_state_dict(rank_state["task"])
+            if self.dist.is_main:  # said on every launch path (torchrun, Ray, a plain process): never a silent resume
+                print(f"resumed {tag} at step {self.step} on {self.dist.world_size} rank(s) "
+                      f"({self.ckpt.root / tag})", flush=True)
             return rank_state["data"]
         # Another world size: the RNG states do not map onto the new ranks, so every rank is reseeded from the step
         # (deterministic), and every rank, old or new (a new one has no rank file), continues the data from the same
         # state, the old ranks' (shared storage: rank 0 reads them all). The stream continues at the start of the
         # next epoch of the new layout (README, "Changing the world size"); the global batch is kept by the
-        # recomputed accumulation. Per-rank task state (stage 1's dead-code restart pools) starts empty.
+        # recomputed accumulation. Per-rank task state (stage 1's dead-code restart pools) is shared out by the task.
         self.seed_everything(self.cfg.train.seed + self.step)
         self.seed_training(self.cfg.train.seed + self.step)
-        data = self.ckpt.data_state(tag, meta["world_size"])
+        data, old_tasks = self.ckpt.resize_state(tag, meta["world_size"])
+        if hasattr(self.task, "resize_rank_states") and any(t is not None for t in old_tasks):
+            self.task.load_rank_state_dict(self.task.resize_rank_states(old_tasks, self.dist.rank,
+                                                                        self.dist.world_size))
         if self.dist.is_main:
             print(f"resumed {tag} written by {meta['world_size']} ranks on {self.dist.world_size} at step {self.step}: "
-                  f"weights and optimizer converted through the universal format; gradient accumulation is now "
-                  f"{self.accum}")
+                  f"weights and optimizer converted through the universal format, buffers (codebooks, their k-means "
+                  f"flag and EMA statistics) and restart pools carried over; gradient accumulation is now "
+                  f"{self.accum}", flush=True)
         return data
 
     def save(self) -> None:

@@ -70,7 +70,7 @@ def statuses(stdout: str) -> dict[str, str]:
 
 
 @pytest.mark.e2e
-def test_runs_once_skips_on_rerun_and_reruns_what_a_changed_tokenizer_feeds(pipeline) -> None:
+def test_runs_once_skips_on_rerun_and_reruns_what_a_changed_tokenizer_feeds(pipeline, monkeypatch, capsys) -> None:
     # 1. Everything runs, once; each step's run is a child of the invocation's parent run.
     first = pipeline()
     assert statuses(first.stdout) == {s: "ran" for s in STEPS}, first.stdout[-3000:]
@@ -115,8 +115,16 @@ def test_runs_once_skips_on_rerun_and_reruns_what_a_changed_tokenizer_feeds(pipe
     assert new_parent.data.tags["step.gfid.run_id"] == made["gfid"][0]["run_id"]  # where the output came from
 
     # --plan says the same without running anything; with another tokenizer recipe, that stage 1 would run first
-    assert pipeline("--plan").stdout.count(": skipped, output of lineage") == len(STEPS)
-    planned = pipeline("--plan", CHANGED_TOKENIZER).stdout
+    # (the launcher's main() in this process: a plan starts no Ray and no step, so a subprocess adds only imports)
+    from vitvq.launch.pipeline import main
+    monkeypatch.chdir(ROOT)
+
+    def plan(*overrides: str) -> str:
+        capsys.readouterr()
+        assert main(["--config", CONFIG, f"root={pipeline.root}", "progress=false", "--plan", *overrides]) == {}
+        return capsys.readouterr().out
+    assert plan().count(": skipped, output of lineage") == len(STEPS)
+    planned = plan(CHANGED_TOKENIZER)
     assert "[1/7] stage1: runs into" in planned and "then: export, encode, stage2, ref, sample, gfid" in planned
     assert len(list(pipeline.root.glob("stage1-*"))) == 1  # nothing made
 

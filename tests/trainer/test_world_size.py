@@ -25,12 +25,32 @@ from vitvq.trainer.checkpoint import latest_file, rank_file, tag_of
 pytestmark = pytest.mark.e2e  # 2-rank DeepSpeed runs
 WORKER = Path(__file__).with_name("world_size_worker.py")
 STEPS, SAVED = 14, 6  # the source checkpoint: step 6, in epoch 1 on either size
+# The recipe's codebook care (k-means init, dead-code restarts) on an EMA codebook, whose codes are buffers, not
+# parameters; restarts every 4 steps, so that the step-6 checkpoint holds the restart pools of steps 5 and 6.
+CODEBOOK = ("model.quantizer.kind=ema", "model.quantizer.init=kmeans", "model.quantizer.restart_dead_codes=true",
+            "model.quantizer.restart_every=4")
+
+
+def same(a, b, where: str = "") -> None:
+    """Exact equality of nested dicts / lists of tensors and plain values, naming the first difference."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys {sorted(a)} != {sorted(b)}"
+        for k in a:
+            same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            same(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def run(ranks: int, out: Path, record: Path, env: dict, index: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), str(WORKER),
            "--out", str(out), "--record", str(record), *extra, "data.source=shards", f"data.train_shards={index}",
-           "data.mode=epoch", "data.num_workers=0", "data.shuffle_buffer=4", "model.quantizer.init=random",
+           "data.mode=epoch", "data.num_workers=0", "data.shuffle_buffer=4", *CODEBOOK,
            f"train.steps={STEPS}", f"train.ckpt_every={SAVED}", "train.keep_last=5", "train.tracking=false",
            "train.progress=false", "train.val_every=0", "train.image_every=100"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -105,8 +125,8 @@ def test_a_resize_mid_epoch_keeps_the_state_and_reads_every_sample_of_the_next_e
     # format copies fp32 values (merged, then sliced anew), so equality is exact.
     want = torch.load(source.record / f"engines_step{SAVED}.pt", weights_only=False)
     got = torch.load(record / "engines_resumed.pt", weights_only=False)
-    assert want.keys() == got.keys() == {"generator", "discriminator"}
-    for name in want:
+    assert want.keys() == got.keys() == {"generator", "discriminator", "task"}
+    for name in ("generator", "discriminator"):
         assert got[name]["params"].keys() == want[name]["params"].keys()
         for param, tensors in want[name]["params"].items():
             for what, a, b in zip(("fp32 weight", "exp_avg", "exp_avg_sq"), tensors, got[name]["params"][param]):
@@ -115,6 +135,22 @@ def test_a_resize_mid_epoch_keeps_the_state_and_reads_every_sample_of_the_next_e
         assert got[name]["lr"] == want[name]["lr"]  # the universal load copies it into the optimizer's groups
         assert got[name]["schedule_step"] == want[name]["schedule_step"] == SAVED  # the next steps' lr
         assert got[name]["global_steps"] == want[name]["global_steps"] == SAVED
+    # Every buffer (the EMA codes, cluster sizes and sums, the restart window, the k-means flag) and the task state
+    # (codebook-health window, LeCam averages) are the source's: DeepSpeed's universal load restores none of them.
+    assert "codebook initialised by k-means" not in log
+    flags = [v for k, v in want["generator"]["buffers"].items() if k.endswith("codebook.initialized")]
+    assert flags and all(bool(f) for f in flags), "the source's codebook was not k-means initialised"
+    for name in ("generator", "discriminator"):
+        same(want[name]["buffers"], got[name]["buffers"], f"{name} buffers")
+    same(want["task"], got["task"], "task state")
+    # Restart pools: the old ranks' pools joined in rank order and dealt out row by row, none lost or repeated.
+    old_pools = [torch.load(source.record / f"pools_step{SAVED}_rank{r}.pt") for r in range(old)]
+    new_pools = [torch.load(record / f"pools_resumed_rank{r}.pt") for r in range(new)]
+    assert all(p is not None for pools in old_pools for p in pools)  # the checkpoint holds vectors to share
+    for c in range(len(old_pools[0])):
+        joined = torch.cat([pools[c] for pools in old_pools])
+        for r in range(new):
+            assert torch.equal(new_pools[r][c], joined[r::new]), f"codebook {c}: rank {r}'s pool"
     starts = [json.loads((record / f"start_rank{r}.json").read_text()) for r in range(new)]
     assert all(s["accumulation"] == 2 // new for s in starts)  # global batch 4 = micro 2 x ranks x accumulation
 

@@ -7,7 +7,10 @@ Writes into DIR:
 - ``start_rank{r}.json``: where the stream of rank ``r`` stands once the Trainer is built (resumed or not);
 - ``engines_step{S}.pt`` (rank 0): each engine's fp32 master weights, Adam moments and step counts, learning rate
   and schedule step, read from the live engine with DeepSpeed's own getters right after the checkpoint of step S;
-- ``engines_resumed.pt`` (rank 0): the same, right after a resume, before any step.
+- ``engines_resumed.pt`` (rank 0): the same, right after a resume, before any step;
+- with either, each engine's buffers (``"buffers"``: codebooks, their k-means flag, EMA statistics, windows) and the
+  task's state (``"task"``), and per rank ``pools_step{S}_rank{r}.pt`` / ``pools_resumed_rank{r}.pt``: that rank's
+  dead-code restart pools.
 """
 
 from __future__ import annotations
@@ -39,14 +42,18 @@ def engine_state(engine: Any) -> dict[str, Any]:
         params[name] = [t.detach().float().cpu().clone() for t in (full, *moments)]
     base = getattr(engine.optimizer, "optimizer", engine.optimizer)
     steps = sorted({float(s["step"]) for s in base.state.values() if "step" in s})
-    return {"params": params, "adam_steps": steps, "lr": list(engine.get_lr()), "global_steps": engine.global_steps,
+    params_names = {n for n, _ in engine.module.named_parameters()}
+    buffers = {n: b.detach().cpu().clone() for n, b in engine.module.state_dict(keep_vars=True).items()
+               if n not in params_names}
+    return {"params": params, "buffers": buffers, "adam_steps": steps, "lr": list(engine.get_lr()), "global_steps": engine.global_steps,
             "schedule_step": engine.lr_scheduler.last_epoch}  # the lr above comes from the optimizer's groups
 
 
-def dump(trainer: Trainer, path: Path) -> None:
+def dump(trainer: Trainer, path: Path, pools: Path) -> None:
     states = {name: engine_state(engine) for name, engine in trainer.engines.items()}
+    torch.save(trainer.task.rank_state_dict()["restart_pools"], pools)
     if trainer.dist.is_main:
-        torch.save(states, path)
+        torch.save({**states, "task": trainer.task.state_dict()}, path)
 
 
 def main() -> None:
@@ -66,7 +73,7 @@ def main() -> None:
         {"step": trainer.step, "batches": stream.batches, "epoch": stream.epoch,
          "batches_per_epoch": stream.batches_per_epoch, "accumulation": trainer.accum}))
     if trainer.step > 0:
-        dump(trainer, record / "engines_resumed.pt")
+        dump(trainer, record / "engines_resumed.pt", record / f"pools_resumed_rank{rank}.pt")
 
     consumed: list[list[Any]] = []
     next_batch, save = trainer.next_batch, trainer.save
@@ -80,7 +87,7 @@ def main() -> None:
     def dumping_save() -> None:
         save()
         if trainer.step == args.dump_at:
-            dump(trainer, record / f"engines_step{trainer.step}.pt")
+            dump(trainer, record / f"engines_step{trainer.step}.pt", record / f"pools_step{trainer.step}_rank{rank}.pt")
 
     trainer.next_batch, trainer.save = recording_next_batch, dumping_save
     trainer.fit()
