@@ -51,6 +51,10 @@ class SampleConfig(PoolJobConfig, SamplingSettings, SampleSet):
     workers: int = 0
     gpus_per_worker: Optional[float] = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    other_tokenizer: bool = False
+    """Sample although ``tokenizer`` is not the export the prior's tokens came from (the prior records its sha256):
+    e.g. a decoder fine-tuned on the same codes. Off: such a pair is refused, since codes decoded by another
+    tokenizer make other images. Either way the protocol's notes record the pair."""
 
     def __post_init__(self) -> None:
         PoolJobConfig.__post_init__(self)
@@ -93,6 +97,11 @@ def sample(cfg: SampleConfig) -> dict[str, Any]:
     device, gpus = cfg.placement(torch.cuda.is_available())
     plan, extra = _plan(cfg)
     prior_sha, tok_sha = sha256_file(cfg.prior), sha256_file(cfg.tokenizer)  # the files as sampling reads them
+    trained_on = extra.get("tokenizer_sha256")
+    check(cfg.other_tokenizer or trained_on in (None, tok_sha), "tokenizer", cfg.tokenizer,
+          f"its sha256 is {tok_sha}, but the prior {cfg.prior} was trained on the tokens of the tokenizer export with "
+          f"sha256 {trained_on}: name that export, or set other_tokenizer (--other-tokenizer) to decode its codes "
+          f"with this one on purpose")
     out = Path(cfg.out)
     grid_png = Path(cfg.grid_png) if cfg.grid_png else out.with_suffix(".grid.png")
     job = SampleJob(plan, cfg.sampling_settings(), batch_size=cfg.batch_size)
@@ -104,9 +113,9 @@ def sample(cfg: SampleConfig) -> dict[str, Any]:
     save_grid(grid_png, res.images, plan.grid_indices())
 
     notes = []
-    if extra.get("tokenizer_sha256") not in (None, tok_sha):
-        notes.append(f"the prior was trained on tokens of a tokenizer export with sha256 {extra['tokenizer_sha256']}, "
-                     f"not {cfg.tokenizer} ({tok_sha})")
+    if trained_on not in (None, tok_sha):
+        notes.append(f"the prior was trained on tokens of a tokenizer export with sha256 {trained_on}, "
+                     f"not {cfg.tokenizer} ({tok_sha}): decoded by another tokenizer on purpose (other_tokenizer)")
     if cfg.temperature == 0:
         notes.append("temperature 0 is greedy: every sample of a class is the same image")
     n, h, w = res.images.shape[:3]

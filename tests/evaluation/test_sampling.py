@@ -203,6 +203,27 @@ def test_bad_arguments_are_refused_naming_the_flag(exports, tmp_path: Path, caps
     assert not (tmp_path / "s.npz").exists()
 
 
+def test_a_tokenizer_that_is_not_the_priors_is_refused_unless_asked_for(exports, tmp_path: Path, capsys):
+    """Same codebook size and grid, another export: the shapes fit, the codes mean other images."""
+    torch.manual_seed(1)
+    other = str(Tokenizer(from_dict(TokenizerConfig, "debug")).save_export(tmp_path / "other.pt"))
+    tok_sha = hashlib.sha256(Path(exports["tok"]).read_bytes()).hexdigest()
+    other_sha = hashlib.sha256(Path(other).read_bytes()).hexdigest()
+    torch.manual_seed(0)
+    prior = Prior(from_dict(PriorConfig, {"preset": "debug"}))
+    trained = str(prior.save_export(tmp_path / "prior.pt", {"step": 7, "tokenizer_sha256": tok_sha}))
+    argv = ["--prior", trained, "--cfg", "1", "--per-class", "1", "--classes", "0", *FAST]
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--tokenizer", other, "--out", str(tmp_path / "a.npz")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--tokenizer (tokenizer)" in err and other_sha in err and tok_sha in err
+    assert "--other-tokenizer" in err and not (tmp_path / "a.npz").exists()
+    ok = main(argv + ["--tokenizer", exports["tok"], "--out", str(tmp_path / "b.npz")])  # its own: no note
+    assert ok["protocol"]["notes"] == []
+    forced = main(argv + ["--tokenizer", other, "--other-tokenizer", "--out", str(tmp_path / "c.npz")])
+    assert any(tok_sha in n and "on purpose" in n for n in forced["protocol"]["notes"])
+
+
 def test_unconditional_prior_refuses_guidance_and_classes(exports, tmp_path: Path, capsys):
     argv = ["--prior", exports["uncond"], "--tokenizer", exports["tok"], "--out", str(tmp_path / "s.npz"), *FAST]
     for extra, message in ((["--cfg", "2"], "--cfg (cfg_scale) = 2.0: the prior"),

@@ -1,9 +1,10 @@
-"""Preemption and shared storage. SIGTERM to a 2-rank ``torchrun`` mid-training (what a scheduler or Ray's downscale sends), then the
+"""Preemption and shared storage. SIGTERM to a 2-rank ``launch/torchrun.py`` mid-training (what a scheduler or Ray's downscale sends), then the
 same command again, ends with the weights of an uninterrupted run; the MLflow run is marked KILLED in between
 and continued, not duplicated.
 
-torchrun forwards SIGTERM to its workers; each rank's handler only sets a flag, the ranks agree at the end of the
-step (one all-reduce), save that step's checkpoint, close the MLflow run as KILLED and exit with status 75.
+launch/torchrun.py forwards SIGTERM to its workers; each rank's handler only sets a flag, the ranks agree at the end of
+the step (one all-reduce), save that step's checkpoint, close the MLflow run as KILLED and exit with status 75, and
+so does the launcher (torchrun itself would exit 1).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ STEPS = 40
 
 
 def command(out: Path) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(LAUNCH),
+    return [sys.executable, str(ROOT / "launch" / "torchrun.py"), "--standalone", "--nproc_per_node", "2", str(LAUNCH),
             "--config", str(ROOT / "configs/stage1/debug.yaml"), f"train.out_dir={out}", "train.progress=false",
             f"train.steps={STEPS}", "train.ckpt_every=1000", "train.val_every=0", "train.image_every=1000",
             "train.log_every=1", "data.mode=epoch", "data.shuffle_buffer=16"]
@@ -54,7 +55,7 @@ def test_sigterm_saves_the_step_and_the_same_command_finishes_like_an_uninterrup
     assert proc.poll() is None, "the run ended before it could be preempted"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode != 0
+    assert proc.returncode == 75, err[-4000:]  # plain torchrun exits 1 here: a requeue-on-75 scheduler would not requeue
     assert "preempted: stopped by SIGTERM after step" in err, err[-4000:]
     latest = latest_file(out / "checkpoints").read_text().strip()
     stopped = step_of(latest)
