@@ -7,6 +7,6 @@ layer for it. ``vitvq.configs.cli`` derives a launcher's command line from a con
 (``configs/stage1/*.yaml``) hold values only: no class paths, no code.
 """
 
-from vitvq.configs.schema import ConfigError, check, field_docs, flatten, from_dict, load, to_dict, unflatten
+from vitvq.configs.schema import ConfigError, ConfigFileError, check, field_docs, flatten, from_dict, load, to_dict, unflatten
 
-__all__ = ["ConfigError", "check", "field_docs", "flatten", "from_dict", "load", "to_dict", "unflatten"]
+__all__ = ["ConfigError", "ConfigFileError", "check", "field_docs", "flatten", "from_dict", "load", "to_dict", "unflatten"]

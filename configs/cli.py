@@ -27,7 +27,7 @@ import types
 from typing import Any, Callable, Iterator, Literal, Mapping, NoReturn, Optional, Union, get_args, get_origin, \
     get_type_hints
 
-from vitvq.configs.schema import ConfigError, field_docs, from_dict, load_data
+from vitvq.configs.schema import ConfigError, ConfigFileError, field_docs, from_dict, load_data
 
 _FIELD = "field:"  # namespace prefix of the field flags (a field may be called `config` or `overrides`)
 _USED = "_flags_used"  # namespace attribute: field -> the spelling typed on the command line
@@ -204,6 +204,8 @@ class ConfigParser(argparse.ArgumentParser):
                 self.error(f"the following arguments are required: {', '.join(self.flags[n][-1] for n in missing)} "
                            f"(or the fields {', '.join(missing)} in --config)")
             return from_dict(self.cls, data)
+        except ConfigFileError as e:
+            self.error(f"--config: {e}")
         except ConfigError as e:
             self.refuse(e)
         except OSError as e:

@@ -38,6 +38,14 @@ class ConfigError(ValueError):
         super().__init__(f"config field '{field}' = {value!r}: {hint}")
 
 
+class ConfigFileError(ConfigError):
+    """A recipe file that cannot be read as a config (not YAML, not a mapping): names the file, where, and the fix."""
+
+    def __init__(self, path: str | Path, hint: str):
+        self.field, self.value, self.hint = "config", str(path), hint
+        ValueError.__init__(self, f"config file {path}: {hint}")
+
+
 def check(cond: bool, field: str, value: Any, hint: str) -> None:
     """Raise :class:`ConfigError` unless ``cond``; the one-liner used by every ``__post_init__``."""
     if not cond:
@@ -234,8 +242,20 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(item, item, "overrides are written key=value with a dotted key, e.g. train.steps=100")
         key, raw = item.split("=", 1)
-        set_dotted(nested, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(key.strip(), raw, f"not a YAML value ({_yaml_problem(e)}); quote it or fix the "
+                                                f"brackets, e.g. {key.strip()}='[1, 2]'") from None
+        set_dotted(nested, key.strip(), value)
     return nested
+
+
+def _yaml_problem(e: Exception) -> str:
+    """A YAML error in one line, at the file's line and column (1-based), without PyYAML's ``<unicode string>``."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + str(getattr(e, "problem", None) or e).strip()
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -258,9 +278,13 @@ def load_data(path: str | Path | None = None, overrides: list[str] | None = None
     data: dict[str, Any] = {}
     if path is not None:
         text = Path(path).read_text()
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigFileError(path, f"not valid YAML at {_yaml_problem(e)}; fix the file") from None
         if not isinstance(data, dict):
-            raise ConfigError(str(path), type(data).__name__, "a recipe must be a YAML mapping of sections")
+            raise ConfigFileError(path, f"holds a YAML {type(data).__name__}, but a recipe is a mapping of sections "
+                                        f"(model:, train:, ...)")
     data = merge(data, dict(values or {}))
     return merge(data, parse_overrides(list(overrides or [])))
 

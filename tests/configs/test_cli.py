@@ -144,6 +144,21 @@ def test_what_argparse_refuses_and_what_is_missing(capsys, tmp_path: Path) -> No
     assert p.config(["--config", str(tmp_path / "r.yaml")]).out == "r.npz"  # required, given by the file
 
 
+def test_a_file_or_override_that_is_not_yaml_names_the_file_line_and_column(capsys, tmp_path: Path) -> None:
+    """Not a PyYAML traceback naming ``<unicode string>``: the file (or the override's key), where, and the fix."""
+    p = ConfigParser(Toy, prog="toy")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("out: a.npz\nclasses: [1, 2\ntop_k: 3\n")
+    line = refused(p, ["--config", str(bad)], capsys)
+    assert f"--config: config file {bad}: not valid YAML at line 3, column 6" in line and "fix the file" in line
+    assert "<unicode string>" not in line
+    (tmp_path / "list.yaml").write_text("- out\n")
+    assert "holds a YAML list, but a recipe is a mapping" in refused(p, ["--config", str(tmp_path / "list.yaml")],
+                                                                      capsys)
+    line = refused(p, ["--out", "a.npz", "classes=[1,"], capsys)
+    assert "(classes) = '[1,': not a YAML value (line 1, column 4" in line and "<unicode string>" not in line
+
+
 def test_a_job_refusal_names_the_flag_too(capsys) -> None:
     p = ConfigParser(Toy, prog="toy")
     cfg = p.config(["--out", "a.npz", "--cfg", "3"])
