@@ -5,7 +5,9 @@
 All three read the same ImageNet JPEGs (imagenet-sample: 1000 photographs, mostly about 500x375) with
 one worker process and produce the same thing: decode, resize the shorter side to ``--size`` (bicubic,
 antialiased), random ``--size`` crop, random horizontal flip, float tensor in [-1, 1], batches of 32.
-- ours: ``build_train_stream`` over shards written by the shard writer (timed too);
+- ours: ``build_train_stream`` over shards written by the shard writer (timed too), with and without the check
+  of each shard against its index's sha256 (``data.verify_shards``; each pass starts a fresh worker, which
+  verifies every shard it opens: the first epoch's cost, later epochs pay none);
 - ImageFolder: ``torchvision.datasets.ImageFolder`` + ``Resize/RandomCrop/RandomHorizontalFlip/ToTensor/
   Normalize`` in a ``DataLoader``;
 - PIL decode: ``Image.open(...).convert("RGB")`` of the same bytes in memory, no resize: the decode cost
@@ -26,7 +28,7 @@ from pathlib import Path
 import torch
 
 from vitvq.data import DataConfig, build_train_stream
-from vitvq.data.shards import WriteOptions, write_shards
+from vitvq.data.shards import WriteOptions, sha256_file, write_shards
 from vitvq.data.sources import list_imagenet
 
 BATCH = 32
@@ -59,9 +61,9 @@ def bench_writer(src: Path, out: Path, workers: int) -> tuple[float, Path]:
     return index["num_samples"] / dt, out / "imagenet-train-index.json"
 
 
-def bench_ours(index: Path, size: int, total: int) -> float:
+def bench_ours(index: Path, size: int, total: int, verify: bool = True) -> float:
     cfg = DataConfig(train_shards=str(index), image_size=size, transform="resize_crop", flip=True, num_workers=1,
-                     shuffle_buffer=250)
+                     shuffle_buffer=250, verify_shards=verify)
     stream = build_train_stream(cfg, batch_size=BATCH, rank=0, world_size=1, seed=0)
     return rate(iter(stream), total)
 
@@ -73,6 +75,15 @@ def bench_imagefolder(src: Path, size: int, total: int) -> float:
     ds = datasets.ImageFolder(str(src), transform=tf)
     loader = torch.utils.data.DataLoader(ds, batch_size=BATCH, shuffle=True, num_workers=1)
     return rate(iter(loader), total)
+
+
+def bench_sha256(index: Path) -> float:
+    """MB/s of hashing the shards (what verification adds per shard, on one core)."""
+    shards = sorted(index.parent.glob("*.tar"))
+    t0 = time.perf_counter()
+    for path in shards:
+        sha256_file(path)
+    return sum(p.stat().st_size for p in shards) / 1e6 / (time.perf_counter() - t0)
 
 
 def bench_pil(src: Path) -> float:
@@ -98,14 +109,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         writer1, index = bench_writer(src, Path(tmp) / "w1", 1)
         writer2, _ = bench_writer(src, Path(tmp) / "w2", 2)
         total = sum(1 for _ in src.glob("*/*"))
-        res = {"ours": 0.0, "imagefolder": 0.0, "pil": 0.0}
+        shard_mb = sum(p.stat().st_size for p in index.parent.glob("*.tar")) / 1e6
+        res = {"ours": 0.0, "ours_unverified": 0.0, "imagefolder": 0.0, "pil": 0.0, "sha256_MBps": 0.0}
         for _ in range(args.repeats):  # interleaved, so that load from other processes hits all alike
             res["ours"] = max(res["ours"], bench_ours(index, args.size, total))
+            res["ours_unverified"] = max(res["ours_unverified"], bench_ours(index, args.size, total, verify=False))
+            res["sha256_MBps"] = max(res["sha256_MBps"], bench_sha256(index))
             res["imagefolder"] = max(res["imagefolder"], bench_imagefolder(src, args.size, total))
             res["pil"] = max(res["pil"], bench_pil(src))
     print(f"{total} photographs from {src.name}, decode + resize {args.size} + random crop + flip + float, "
           f"1 worker, batch {BATCH}, best of {args.repeats}:")
     print(f"  ours (shards, draft decode, crop-then-resize): {res['ours']:7.1f} images/s")
+    hash_s, decode_s = shard_mb / res["sha256_MBps"], total / res["ours_unverified"]
+    print(f"  ours without shard verification:               {res['ours_unverified']:7.1f} images/s "
+          f"(verified / unverified = {res['ours'] / res['ours_unverified']:.2f}x)")
+    print(f"  verification, first epoch: sha256 of {shard_mb:.0f} MB of shards at {res['sha256_MBps']:.0f} MB/s = "
+          f"{hash_s:.2f} s per worker per epoch, {100 * hash_s / decode_s:.1f}% of the {decode_s:.1f} s of reading")
     print(f"  torchvision ImageFolder (same transforms):     {res['imagefolder']:7.1f} images/s")
     print(f"  bare PIL decode of the same bytes (ceiling):   {res['pil']:7.1f} images/s")
     print(f"  ours / ImageFolder = {res['ours'] / res['imagefolder']:.2f}x   ours / PIL decode = "

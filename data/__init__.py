@@ -20,7 +20,7 @@ _EXPORTS = {
     "TokenDataConfig": "vitvq.data.tokens", "build_token_stream": "vitvq.data.tokens",
     "build_token_eval_loader": "vitvq.data.tokens", "token_index": "vitvq.data.tokens", "token_grid": "vitvq.data.tokens",
     "token_vocab_size": "vitvq.data.tokens", "check_lineage": "vitvq.data.tokens", "TokenLineageError": "vitvq.data.tokens",
-    "encode_tokens": "vitvq.data.encode",
+    "encode_tokens": "vitvq.data.encode", "ShardMismatch": "vitvq.data.verify",
 }
 
 

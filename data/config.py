@@ -27,7 +27,11 @@ class DataConfig:
     val_shards: Optional[str] = None
     """Validation shards, same forms as train_shards; null for none."""
     index: Optional[str] = None
-    """Index .json giving per-shard sample counts when train_shards are pipe:/remote URLs (matched by file name)."""
+    """Index .json giving per-shard counts and sha256 of pipe:/remote shards, matched by file name; train and val
+    shards both read it: give both splits' indexes joined by "::" (a-train-index.json::a-val-index.json)."""
+    verify_shards: bool = True
+    """Check each shard against its index's sha256 the first time a process opens it (data/verify.py); false only
+    for a trusted store (saves one read of each shard per process, one download of remote ones is spooled)."""
     demo_root: str = "~/.cache/vitvq/demo"
     """Folder where source="demo" writes its shards (once; later runs reuse them)."""
     image_size: int = 256

@@ -20,6 +20,8 @@ reproducible from a small state), so the order is defined here as a pure functio
   does not depend on what was decoded before (resumed or not, with or without bad samples).
 - A sample that cannot be decoded is counted at its position and replaced by the next good sample of its
   block (in block order), so batches keep their size and every rank its batch count.
+- A shard is checked against its index's sha256 the first time a process opens it (``data/verify.py``); a
+  mismatch stops the stream, unlike a missing or damaged shard, whose lost samples are counted.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
-from webdataset.gopen import Pipe, gopen
+from webdataset.gopen import Pipe
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
+
+from vitvq.data.verify import ShardMismatch, open_verified
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +73,9 @@ def _warn_tar(exn: Exception) -> bool:
     return True
 
 
-def read_raw(pieces: Iterable[Piece]) -> Iterator[Optional[dict]]:
-    """Raw webdataset samples of each piece in turn; exactly ``count`` items per piece (None where missing)."""
+def read_raw(pieces: Iterable[Piece], sha256: Sequence[Optional[str]] = ()) -> Iterator[Optional[dict]]:
+    """Raw webdataset samples of each piece in turn; exactly ``count`` items per piece (None where missing).
+    ``sha256[p.shard]``: the digest shard ``p.shard`` must have (empty or None: read unverified)."""
     for p in pieces:
         seen = {"n": 0, "last": None}
 
@@ -82,7 +87,9 @@ def read_raw(pieces: Iterable[Piece]) -> Iterator[Optional[dict]]:
 
         got = 0
         try:
-            stream = gopen(p.url)
+            stream = open_verified(p.url, sha256[p.shard] if sha256 else None)
+        except ShardMismatch:
+            raise  # a changed shard must stop the run, not lose its samples quietly
         except Exception as exn:  # noqa: BLE001 - a missing/unreachable shard loses its samples, counted
             _warn_tar(exn)
             stream = None
@@ -112,6 +119,7 @@ class Cursor:
     batch_size: int
     seed: int
     shuffle_buffer: int
+    sha256: tuple[Optional[str], ...] = ()  # per shard, checked on first open; empty: no verification
 
     @property
     def total(self) -> int:
@@ -170,14 +178,14 @@ class Cursor:
         if self.mode == "resampled":
             start = batches * b
             first = start // size
-            raw = read_raw(self.resampled_pieces(s, first * size))
+            raw = read_raw(self.resampled_pieces(s, first * size), self.sha256)
             yield from self._blocks(raw, first, start, None, (_RESAMPLED, self.rank, s), decode)
             return
         epoch, m = batches // k, k * b
         start = (batches % k) * b
         while True:
             first = start // size
-            raw = read_raw(self.epoch_pieces(epoch, s, first * size))
+            raw = read_raw(self.epoch_pieces(epoch, s, first * size), self.sha256)
             yield from self._blocks(raw, first, start, m, (_EPOCH, epoch, self.slot(s)), decode)
             epoch, start = epoch + 1, 0
 

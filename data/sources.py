@@ -8,7 +8,9 @@ Three layouts:
 - folder: any class-per-folder tree (classes = sorted sub-folder names), or a flat folder (unconditional).
 
 Every file found is accounted for: files that are not images by extension are returned as skipped with a
-reason, never dropped silently. Contents are checked later, when the shard writer decodes them.
+reason, never dropped silently. Contents are checked later, when the shard writer decodes them. A source that
+does not exist, or holds no image file, is refused (:class:`SourceError`) naming the folder and what was looked
+for: a run that writes 0 samples must not look like a success (issue 20.10).
 """
 
 from __future__ import annotations
@@ -20,6 +22,28 @@ from pathlib import Path
 from typing import Optional
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".jfif"}
+_EXTS = ", ".join(sorted(IMAGE_EXTS))
+
+
+class SourceError(ValueError):
+    """An input folder that cannot be listed as a dataset, with what was looked for."""
+
+
+def _exists(root: Path, what: str) -> None:
+    if not root.exists():
+        raise SourceError(f"--src {root} does not exist: give the {what}")
+    if not root.is_dir():
+        raise SourceError(f"--src {root} is not a folder: give the {what}")
+
+
+def _found(listing: "Listing", looked_for: str) -> "Listing":
+    """``listing``, unless it holds no image: then a :class:`SourceError` naming the folder and what it looked for."""
+    if listing.items:
+        return listing
+    other = f"; {len(listing.skipped)} other files set aside, e.g. {listing.skipped[0]['path']} " \
+            f"({listing.skipped[0]['reason']})" if listing.skipped else "; the folder holds no files"
+    raise SourceError(f"--src {listing.root} holds no image to write: looked for {looked_for} with an image "
+                      f"extension ({_EXTS}){other}")
 
 
 @dataclass(frozen=True)
@@ -58,20 +82,21 @@ def _walk(folder: Path, root: Path, label: int, items: list[Item], skipped: list
 def list_folder(src: str | Path) -> Listing:
     """Class-per-folder tree (labels = index of the sorted sub-folder name), or a flat folder (labels -1)."""
     root = Path(src)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--src {root} is not a folder")
+    _exists(root, "folder of images (class sub-folders, or images directly)")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     items: list[Item] = []
     skipped: list[dict] = []
     if not classes:
         _walk(root, root, -1, items, skipped)
-        return Listing(str(root), items, None, skipped)
+        return _found(Listing(str(root), items, None, skipped), "files in it and its sub-folders (no class "
+                      "sub-folder found, so unconditional)")
     for label, name in enumerate(classes):
         _walk(root / name, root, label, items, skipped)
     for p in sorted(root.iterdir()):  # stray files next to the class folders have no class
         if p.is_file():
             skipped.append({"path": p.name, "reason": "file outside the class folders (no label)"})
-    return Listing(str(root), items, classes, skipped)
+    return _found(Listing(str(root), items, classes, skipped), f"files in its {len(classes)} class sub-folders "
+                  f"({', '.join(classes[:3])}{', ...' if len(classes) > 3 else ''})")
 
 
 def _read_lines(path: Path) -> list[list[str]]:
@@ -118,7 +143,8 @@ def list_imagenet(src: str | Path, labels: Optional[str | Path] = None,
                   synsets: Optional[str | Path] = None) -> Listing:
     """ImageNet train layout (synset folders), or the flat validation layout with ``labels``."""
     root = Path(src)
-    has_dirs = root.is_dir() and any(p.is_dir() for p in root.iterdir())
+    _exists(root, "ImageNet train folder (synset sub-folders) or val folder (flat, with --labels)")
+    has_dirs = any(p.is_dir() for p in root.iterdir())
     if has_dirs:
         return list_folder(root)
     if labels is None:
@@ -136,7 +162,8 @@ def list_imagenet(src: str | Path, labels: Optional[str | Path] = None,
             skipped.append({"path": p.name, "reason": "no label for this file in the labels file"})
         else:
             items.append(Item(p.name, table[p.stem], p.stat().st_size))
-    return Listing(str(root), items, classes, skipped)
+    return _found(Listing(str(root), items, classes, skipped), "ILSVRC2012_val_* files directly in it, named in "
+                  "the labels file")
 
 
 def list_ffhq(src: str | Path) -> Listing:
@@ -153,12 +180,14 @@ def list_ffhq(src: str | Path) -> Listing:
                     items.append(Item(info.filename, -1, info.file_size))
                 else:
                     skipped.append({"path": info.filename, "reason": "not an image file name"})
-        return Listing(str(path), items, None, skipped, zip_path=str(path))
+        return _found(Listing(str(path), items, None, skipped, zip_path=str(path)), "files in the archive")
+    if not path.exists():
+        raise SourceError(f"--src {path} does not exist: give the folder or .zip of the images")
     if not path.is_dir():
-        raise FileNotFoundError(f"--src {path} is neither a folder nor a .zip file")
+        raise SourceError(f"--src {path} is neither a folder nor a .zip file")
     items, skipped = [], []
     _walk(path, path, -1, items, skipped)
-    return Listing(str(path), items, None, skipped)
+    return _found(Listing(str(path), items, None, skipped), "files in it and its sub-folders")
 
 
-__all__ = ["Item", "Listing", "IMAGE_EXTS", "list_folder", "list_imagenet", "list_ffhq", "read_labels"]
+__all__ = ["Item", "Listing", "SourceError", "IMAGE_EXTS", "list_folder", "list_imagenet", "list_ffhq", "read_labels"]

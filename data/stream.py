@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from itertools import islice
 from typing import Any, Callable, Iterator, Optional
@@ -189,11 +189,17 @@ class TrainStream:
                                                       f"{unread} samples of epoch {epoch} not read")
 
 
+def verified(shards: ShardList, verify: bool) -> ShardList:
+    """``shards`` with their index sha256 kept for checking on first open (``data/verify.py``), or dropped."""
+    return shards if verify else replace(shards, sha256=())
+
+
 def checked_cursor(shards: ShardList, cfg: Any, *, batch_size: int, rank: int, world_size: int, seed: int,
                    field: str = "data.train_shards", more_shards: str = "write more, smaller shards "
                    "(launch/prepare_data.py --shard-size)") -> Cursor:
     """The sample cursor of ``rank``, refusing shard lists that cannot feed every rank and worker before training.
-    ``cfg`` has ``mode``, ``streams`` and ``shuffle_buffer``; ``field`` (``section.name``) is named in the errors."""
+    ``cfg`` has ``mode``, ``streams``, ``shuffle_buffer`` and ``verify_shards``; ``field`` (``section.name``) is
+    named in the errors."""
     if not 0 <= rank < world_size or batch_size < 1:
         raise ValueError(f"need 0 <= rank < world_size and batch_size >= 1 (got {rank}, {world_size}, {batch_size})")
     section = field.split(".")[0]
@@ -209,7 +215,7 @@ def checked_cursor(shards: ShardList, cfg: Any, *, batch_size: int, rank: int, w
         raise ShardError(f"{shards.total} samples cannot give one batch of {batch_size} to each of {slots} "
                          f"streams (world_size x num_workers): lower the batch size or {section}.num_workers")
     return Cursor(shards.urls, shards.counts, cfg.mode, rank, world_size, cfg.streams, batch_size, seed,
-                  cfg.shuffle_buffer)
+                  cfg.shuffle_buffer, verified(shards, cfg.verify_shards).sha256)
 
 
 def start_stream(stream: TrainStream, state: Optional[dict], epoch: int = 0) -> TrainStream:
@@ -244,7 +250,7 @@ class _EvalData(IterableDataset):
         a, b = self.ranges[info.id if info else 0]
         order = range(len(self.shards.urls))  # evaluation reads in index order, no shuffle
         chunk, bad = [], 0
-        for sample in read_raw(range_pieces(self.shards.urls, self.shards.counts, order, a, b)):
+        for sample in read_raw(range_pieces(self.shards.urls, self.shards.counts, order, a, b), self.shards.sha256):
             try:
                 chunk.append(self.decode(sample, None))
             except Exception as exn:  # noqa: BLE001 - skipped and counted, never duplicated
@@ -285,11 +291,12 @@ class EvalLoader:
 
 
 def build_eval_loader(shards: str, *, image_size: int, batch_size: int, rank: int, world_size: int,
-                      num_workers: int = 0, pixel_range: str = "minus_one_one", index: Optional[str] = None
-                      ) -> EvalLoader:
+                      num_workers: int = 0, pixel_range: str = "minus_one_one", index: Optional[str] = None,
+                      verify: bool = True) -> EvalLoader:
     """Center-cropped evaluation batches of ``rank``'s contiguous share of ``shards`` (no padding, no
-    duplicates; the last batch of each worker may be smaller, and ranks may differ by one batch)."""
-    listed = resolve_shards(shards, index, what="data.val_shards")
+    duplicates; the last batch of each worker may be smaller, and ranks may differ by one batch). ``index``: as
+    ``data.index`` (remote shards need it); ``verify``: check shards against the index's sha256 on first open."""
+    listed = verified(resolve_shards(shards, index, what="data.val_shards"), verify)
     if listed.total == 0:
         raise ShardError(f"data.val_shards={shards!r} holds no samples")
     return EvalLoader(listed, Decode(image_size, train=False), batch_size, rank, world_size, num_workers,
@@ -297,4 +304,4 @@ def build_eval_loader(shards: str, *, image_size: int, batch_size: int, rank: in
 
 
 __all__ = ["TrainStream", "EvalLoader", "build_train_stream", "build_eval_loader", "Decode", "checked_cursor",
-           "start_stream"]
+           "start_stream", "verified"]

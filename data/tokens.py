@@ -40,9 +40,9 @@ import torch
 
 from vitvq.configs import check
 from vitvq.data.shards import _add, sha256_file
-from vitvq.data.stream import EvalLoader, TrainStream, checked_cursor, start_stream
+from vitvq.data.stream import EvalLoader, TrainStream, checked_cursor, start_stream, verified
 from vitvq.data.transforms import label_of
-from vitvq.data.urls import ShardError, expand, is_local, load_index, resolve_shards
+from vitvq.data.urls import ShardError, expand, index_files, is_local, load_index, resolve_shards, shard_name
 from vitvq.models.tokens import TokenFacts
 
 KIND = "tokens"
@@ -56,7 +56,10 @@ class TokenDataConfig:
     val_tokens: Optional[str] = None
     """Validation token shards, same forms as train_tokens; null for none."""
     index: Optional[str] = None
-    """Token index .json giving per-shard sample counts when the shards are pipe:/remote URLs."""
+    """Token index .json giving per-shard counts and sha256 of pipe:/remote shards; train and val tokens both read
+    it: give both splits' indexes joined by "::"."""
+    verify_shards: bool = True
+    """Check each token shard against its index's sha256 the first time a process opens it (data/verify.py)."""
     num_workers: int = 2
     """DataLoader worker processes per rank (0 reads in the training process)."""
     shuffle_buffer: int = 1000
@@ -190,10 +193,11 @@ def build_token_stream(cfg: TokenDataConfig, *, shards: Optional[str] = None, ba
 
 
 def build_token_eval_loader(shards: str, *, batch_size: int, rank: int, world_size: int, num_workers: int = 0,
-                            index: Optional[str] = None) -> EvalLoader:
-    """View 0 of every sample of ``shards`` exactly once over all ranks, in index order, as {"tokens", "label", "key"}."""
+                            index: Optional[str] = None, verify: bool = True) -> EvalLoader:
+    """View 0 of every sample of ``shards`` exactly once over all ranks, in index order, as {"tokens", "label", "key"};
+    ``index`` and ``verify`` as ``tokens.index`` and ``tokens.verify_shards``."""
     info = token_index(shards, index)
-    listed = resolve_shards(shards, index, what="tokens.val_tokens")
+    listed = verified(resolve_shards(shards, index, what="tokens.val_tokens"), verify)
     if listed.total == 0:
         raise ShardError(f"tokens.val_tokens={shards!r} holds no samples")
     return EvalLoader(listed, _decode_for(info, False), batch_size, rank, world_size, num_workers,
@@ -206,23 +210,24 @@ class TokenLineageError(ValueError):
 
 
 def _index_file(spec: str, index: Optional[str]) -> Optional[Path]:
-    """The index behind ``spec``: ``index``, the spec itself, or the complete one beside local shards listing them."""
+    """The index behind ``spec``: the spec itself, else the first of ``index`` (joined by ``::``) or of the complete
+    ones beside local shards that lists them all, else the first of ``index``. The validation loader is given the
+    training index too (remote shards need it), so the index that lists the shards wins over the one given."""
     spec = (spec or "").strip()
-    if index:
-        return Path(os.path.expanduser(index))
     if spec.endswith(".json") and is_local(spec):
         return Path(os.path.expanduser(spec))
-    urls = [u for u in expand(spec) if is_local(u)] if spec else []
-    if not urls:
-        return None
-    names = {os.path.basename(u) for u in urls}
-    for path in sorted(Path(os.path.dirname(os.path.abspath(urls[0]))).glob("*-index.json")):
+    given = [Path(p) for p in index_files(index)]
+    urls = expand(spec) if spec else []
+    local = [u for u in urls if is_local(u)]
+    beside = sorted(Path(os.path.dirname(os.path.abspath(local[0]))).glob("*-index.json")) if local else []
+    names = {shard_name(u) for u in urls}
+    for path in given + beside:
         try:
-            if names <= {e["name"] for e in load_index(path)["shards"]}:
+            if names and names <= {e["name"] for e in load_index(path)["shards"]}:
                 return path
         except ShardError:
             continue
-    return None
+    return given[0] if given else None
 
 
 def _find_token_index(spec: str, index: Optional[str] = None) -> tuple[Path, dict]:

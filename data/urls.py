@@ -6,7 +6,9 @@ as ``pipe:aws s3 cp s3://bucket/imagenet-train-{000000..001281}.tar -``; or the 
 ``launch/prepare_data.py`` writes beside the shards. The stream needs every shard's sample count (to
 split an epoch evenly over ranks and workers and to seek on resume): counts come from an index (given,
 or found beside local shards), else local shards are counted by reading their tar headers; remote shards
-without an index are refused with a message saying to pass the index.
+without an index are refused with a message saying to pass the index. Several indexes may be given joined by
+``::`` (remote train and validation shards: one index per split). The index's sha256 of each shard travels with
+the list, for ``data/verify.py`` to check on first open.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class ShardList:
     counts: tuple[int, ...]
     num_classes: int  # 0 when unknown or unconditional
     spec: str
+    sha256: tuple[Optional[str], ...] = ()  # per shard, from its index; None where no index lists it
 
     @property
     def total(self) -> int:
@@ -112,8 +115,28 @@ def _beside(urls: list[str]) -> dict[str, dict]:
     return table
 
 
+def index_files(index: Optional[str]) -> list[str]:
+    """The index paths of a ``data.index`` value (several joined by ``::``)."""
+    return [os.path.expanduser(p.strip()) for p in (index or "").split("::") if p.strip()]
+
+
+def _given(index: str) -> dict[str, dict]:
+    """Shard entries of the indexes in ``index``, by file name; a name listed twice with other bytes is refused."""
+    table: dict[str, dict] = {}
+    for path in index_files(index):
+        idx = load_index(path)
+        for e in idx["shards"]:
+            prev = table.get(e["name"])
+            if prev is not None and prev.get("sha256") != e.get("sha256"):
+                raise ShardError(f"data.index: shard {e['name']} is listed by {prev['index']} and {path} with "
+                                 "different contents; give only the index of the shards you mean")
+            table[e["name"]] = dict(e, num_classes=idx.get("num_classes", 0), index=path)
+    return table
+
+
 def resolve_shards(spec: str, index: Optional[str] = None, *, what: str = "train_shards") -> ShardList:
-    """URLs and per-shard sample counts of ``spec``; raises :class:`ShardError` saying what to change."""
+    """URLs, per-shard sample counts and sha256 of ``spec``; raises :class:`ShardError` saying what to change.
+    ``index``: index .json files (joined by ``::``) for remote shards; local shards also find the index beside them."""
     spec = spec.strip()
     if is_local(spec) and spec.endswith(".json"):
         path = Path(os.path.expanduser(spec))
@@ -123,7 +146,8 @@ def resolve_shards(spec: str, index: Optional[str] = None, *, what: str = "train
         if missing:
             raise ShardError(f"{what}: index {path} lists {len(missing)} shards that are not there "
                              f"(e.g. {missing[0]}); re-run launch/prepare_data.py to rewrite them")
-        return ShardList(tuple(urls), tuple(e["samples"] for e in idx["shards"]), idx.get("num_classes", 0), spec)
+        return ShardList(tuple(urls), tuple(e["samples"] for e in idx["shards"]), idx.get("num_classes", 0), spec,
+                         tuple(e.get("sha256") for e in idx["shards"]))
     urls = expand(spec)
     missing = [u for u in urls if is_local(u) and not os.path.isfile(u)]
     if missing and len(missing) == len(urls):
@@ -134,14 +158,11 @@ def resolve_shards(spec: str, index: Optional[str] = None, *, what: str = "train
     if missing:
         raise ShardError(f"{what}={spec!r}: {len(missing)} of {len(urls)} shards do not exist "
                          f"(e.g. {missing[0]}); fix the pattern's range or the path")
-    if index is not None:
-        idx = load_index(os.path.expanduser(index))
-        table = {e["name"]: dict(e, num_classes=idx.get("num_classes", 0)) for e in idx["shards"]}
-    else:
-        table = _beside(urls)
-    counts, classes = [], 0
+    table = {**_beside(urls), **_given(index)}  # the given index wins; local shards keep the one beside them
+    counts, classes, sha = [], 0, []
     for url in urls:
         entry = table.get(shard_name(url))
+        sha.append(entry.get("sha256") if entry else None)  # a local shard of another size fails verification
         if entry is not None and (not is_local(url) or os.path.getsize(url) == entry["bytes"]):
             counts.append(entry["samples"])
             classes = max(classes, entry["num_classes"] or 0)
@@ -149,8 +170,9 @@ def resolve_shards(spec: str, index: Optional[str] = None, *, what: str = "train
             counts.append(count_tar(url))
         else:
             raise ShardError(f"{what}: no sample count for remote shard {shard_name(url)!r}; set data.index "
-                             "to the index .json that launch/prepare_data.py wrote beside the shards")
-    return ShardList(tuple(urls), tuple(counts), classes, spec)
+                             "to the index .json that launch/prepare_data.py wrote beside the shards (several "
+                             "joined by '::', e.g. the train and the val index)")
+    return ShardList(tuple(urls), tuple(counts), classes, spec, tuple(sha))
 
 
 def index_checksum(spec: str, index: Optional[str] = None) -> Optional[str]:
@@ -158,7 +180,17 @@ def index_checksum(spec: str, index: Optional[str] = None) -> Optional[str]:
     for recording which dataset version a run trained on; None when there is no index."""
     import hashlib
     spec = (spec or "").strip()
-    path = index if index else (spec if spec.endswith(".json") and is_local(spec) else None)
+    given = index_files(index)
+    path = given[0] if given else (spec if spec.endswith(".json") and is_local(spec) else None)
+    if len(given) > 1:  # the one listing the spec's shards (train and val indexes given together)
+        names = {shard_name(u) for u in expand(spec)} if spec and not spec.endswith(".json") else set()
+        for ipath in given:
+            try:
+                if names and names <= {e["name"] for e in load_index(ipath)["shards"]}:
+                    path = ipath
+                    break
+            except ShardError:
+                continue
     if path is None and spec:
         urls = [u for u in expand(spec) if is_local(u)]
         folder = os.path.dirname(os.path.abspath(urls[0])) if urls else None
@@ -176,4 +208,4 @@ def index_checksum(spec: str, index: Optional[str] = None) -> Optional[str]:
 
 
 __all__ = ["INDEX_FORMAT", "index_checksum", "ShardError", "ShardList", "index_path", "load_index", "resolve_shards",
-           "expand", "shard_name", "count_tar", "is_local"]
+           "expand", "index_files", "shard_name", "count_tar", "is_local"]

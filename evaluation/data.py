@@ -33,6 +33,8 @@ class Source:
     resolution: Optional[int] = None  # center crop + resize to this; None keeps the stored size (samples)
     npz_key: str = "arr_0"
     limit: Optional[int] = None  # the first N samples (folders and .npz only)
+    index: Optional[str] = None  # shards: the dataset index(es), ``a.json::b.json`` (remote shards need one)
+    verify: bool = True  # shards: check each one against the index's sha256 the first time it is opened
 
     def __post_init__(self) -> None:
         if sum(x is not None for x in (self.images, self.npz, self.shards)) != 1:

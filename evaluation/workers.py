@@ -101,7 +101,8 @@ class EvalWorker:
         if job.source.resolution is None:
             raise ValueError("shards need a resolution (the evaluation crop size)")
         loader = build_eval_loader(job.source.shards, image_size=job.source.resolution, batch_size=job.batch_size,
-                                   rank=rank, world_size=world_size, num_workers=0, pixel_range="minus_one_one")
+                                   rank=rank, world_size=world_size, num_workers=0, pixel_range="minus_one_one",
+                                   index=job.source.index, verify=job.source.verify)
         self.batches = shard_batches(loader)
         return loader.num_samples
 

@@ -35,6 +35,7 @@ def fetch_runs(client: Any, experiment: str, run_ids: Optional[Sequence[str]] = 
                max_runs: int = 10) -> list[Any]:
     """Runs of ``experiment``, oldest first: the newest ``max_runs``, or those named in ``run_ids`` (full ids
     or unique prefixes, in the order given)."""
+    experiment = redact(experiment)  # the name the trainer stored (tracking.py redacts it)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         names = sorted(e.name for e in client.search_experiments())
@@ -142,12 +143,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     client = mlflow_client(args.tracking_uri)
     runs = fetch_runs(client, args.experiment, args.runs, args.max_runs)
     if not runs:
-        print(f"experiment {args.experiment!r} in {redact(client.tracking_uri)} has no runs")
+        print(f"experiment {redact(args.experiment)!r} in {redact(client.tracking_uri)} has no runs")
         return 0
     params = differing_params(runs, args.all_params)
     n_params = None if args.all_params else len(differing_params(runs, all_params=True))
     metrics = latest_metrics(runs, args.metrics)
-    print(f"experiment {args.experiment!r}: {len(runs)} run(s) from {redact(client.tracking_uri)}\n")
+    print(f"experiment {redact(args.experiment)!r}: {len(runs)} run(s) from {redact(client.tracking_uri)}\n")
     print(format_table(runs, params, metrics, n_params))
     missing = [m for m in args.metrics if m not in metrics]
     if args.metrics != list(DEFAULT_METRICS) and missing:

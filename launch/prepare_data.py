@@ -9,7 +9,8 @@
 Writes ``<name>-<split>-NNNNNN.tar`` and ``<name>-<split>-index.json`` into --out; train with
 ``data.train_shards=/shards/imagenet/imagenet-train-index.json``. Re-running the same command completes
 what is missing (after a crash or a deleted shard) and leaves complete shards untouched. Bad files are
-converted when a correct image can be had and otherwise skipped; all are listed in the index.
+converted when a correct image can be had and otherwise skipped; all are listed in the index. A source that does
+not exist or holds no image, and a run that writes no sample at all, exit with status 1 and say why.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 from vitvq.data.shards import WriteOptions, write_shards
-from vitvq.data.sources import list_ffhq, list_folder, list_imagenet
+from vitvq.data.sources import SourceError, list_ffhq, list_folder, list_imagenet
 
 
 def parse_bytes(text: str) -> int:
@@ -52,12 +53,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    if args.kind == "imagenet":
-        listing = list_imagenet(args.src, args.labels, args.synsets)
-    elif args.kind == "ffhq":
-        listing = list_ffhq(args.src)
-    else:
-        listing = list_folder(args.src)
+    try:
+        if args.kind == "imagenet":
+            listing = list_imagenet(args.src, args.labels, args.synsets)
+        elif args.kind == "ffhq":
+            listing = list_ffhq(args.src)
+        else:
+            listing = list_folder(args.src)
+    except SourceError as e:
+        raise SystemExit(f"prepare_data {args.kind}: {e}") from None
     name = args.name or (Path(args.src).name if args.kind == "folder" else args.kind)
     opts = WriteOptions(name=name, split=args.split, resize=args.resize, quality=args.quality,
                         lossless=args.kind == "ffhq",  # FFHQ is stored losslessly (PNG when re-encoded)
@@ -75,6 +79,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"{Path(args.out) / f'{name}-{args.split}-index.json'}")
     for s in index["skipped"][:10]:
         print(f"  skipped {s['path']}: {s['reason']}")
+    if index["num_samples"] == 0:  # every image unreadable: nothing to train on, so not a success
+        raise SystemExit(f"prepare_data {args.kind}: none of the {len(listing.items)} images in {args.src} could be "
+                         "written (all unreadable, reasons above and in the index): check the source files")
     return index
 
 

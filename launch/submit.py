@@ -13,8 +13,11 @@ is uploaded and the command runs in it on the head; this checkout's ``vitvq`` pa
 ``py_modules``), so the cluster runs the code you have here whether or not it has vitvq installed
 (``--no-package``: use the cluster's own). ``--env NAME=VALUE`` (or ``--env NAME``, taking the value from here, which
 keeps secrets off the command line) reaches the job and every Ray worker it starts. Values whose names look secret,
-and credentials inside URIs, are never printed (``vitvq.configs.redact``); Ray still stores env values in
-the job's record.
+and credentials inside URIs, are never printed (``vitvq.configs.redact``), and never enter the job's runtime env:
+Ray logs runtime envs with their values (``runtime_env_agent.log``, served by the dashboard) and keeps them in the
+job's record. They travel instead in a file of a second shipped module, ``vitvq_job_env``, which the job's
+entrypoint runs first (``python -m vitvq_job_env COMMAND``: load them, then exec the command); ``launch/ray_train.py``
+hands them on to its workers through the object store.
 The job runs in Ray's copy of the working directory, deleted with the session: give ``train.out_dir`` and
 ``MLFLOW_TRACKING_URI`` as paths on storage every node sees, or a tracking server, never relative ones.
 Exit status: 0 SUCCEEDED, 1 FAILED, 2 STOPPED; Ctrl-C stops following, not the job.
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import configparser
+import json
 import os
 import re
 import shlex
@@ -40,6 +44,13 @@ from pathlib import Path
 from typing import Any, Optional, TextIO
 
 from vitvq.configs.redact import redact
+
+JOB_ENV_MODULE = "vitvq_job_env"
+_JOB_ENV_MAIN = '''"""Put the secret variables of this job (env.json, beside this file) in the environment, then run the command."""
+import json, os, pathlib, sys
+os.environ.update(json.loads((pathlib.Path(__file__).parent / "env.json").read_text()))
+os.execvp("sh", ["sh", "-c", sys.argv[1]])
+'''
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -76,6 +87,26 @@ def job_env(user: dict[str, str]) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",  # the job's stdout is a file: without this, logs arrive in 8 KiB blocks
         **user,
     }
+
+
+def split_env(env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """``(public, secret)``: secret when the name looks secret or redaction changes the value. Only ``public`` may
+    enter the runtime env."""
+    public = {k: v for k, v in env.items() if redact(v, k) == v}
+    return public, {k: v for k, v in env.items() if k not in public}
+
+
+def stage_job_env(dest: Path, secret: dict[str, str]) -> Path:
+    """The ``vitvq_job_env`` module in ``dest``: ``env.json`` (mode 0600) holding ``secret``, and the ``__main__``
+    that loads it and execs the job's command."""
+    pkg = dest / JOB_ENV_MODULE
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "__main__.py").write_text(_JOB_ENV_MAIN)
+    fd = os.open(pkg / "env.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(secret, f)
+    return pkg
 
 
 def stage_package(dest: Path, root: Path = REPO) -> Path:
@@ -200,18 +231,26 @@ def submit(args: argparse.Namespace, command: list[str]) -> int:
     if not folder.is_dir():
         sys.exit(f"error: --working-dir {folder} is not a folder")
     client = connect(args.address)
-    runtime_env: dict[str, Any] = {"working_dir": str(folder), "excludes": EXCLUDES + args.exclude, "env_vars": env}
+    public, secret = split_env(env)
+    runtime_env: dict[str, Any] = {"working_dir": str(folder), "excludes": EXCLUDES + args.exclude,
+                                   "env_vars": public, "py_modules": []}
     if args.pip:
         runtime_env["pip"] = args.pip
     say(f"job server {redact(args.address)}; uploading {folder} (not: {' '.join(runtime_env['excludes'])})")
     if args.env:
         say("env " + " ".join(f"{k}={redact(v, k)}" for k, v in env.items() if k not in job_env({})))
     say(f"command {redact(entrypoint(command))}")
+    run = entrypoint(command)
     with tempfile.TemporaryDirectory(prefix="vitvq-submit") as tmp:
         if not args.no_package:
-            runtime_env["py_modules"] = [str(stage_package(Path(tmp)))]
+            runtime_env["py_modules"].append(str(stage_package(Path(tmp))))
+        if secret:  # in a shipped file, not in the runtime env that Ray logs (see the module docstring)
+            runtime_env["py_modules"].append(str(stage_job_env(Path(tmp), secret)))
+            run = f"python -m {JOB_ENV_MODULE} {shlex.quote(run)}"
+        if not runtime_env["py_modules"]:
+            del runtime_env["py_modules"]
         try:
-            job_id = client.submit_job(entrypoint=entrypoint(command), runtime_env=runtime_env)
+            job_id = client.submit_job(entrypoint=run, runtime_env=runtime_env)
         except (RuntimeError, ValueError) as e:  # refused by the server, or a working dir over Ray's upload limit
             sys.exit(f"error: submission refused: {redact(str(e))}")
     if args.no_wait:

@@ -216,7 +216,8 @@ class Stage1Task:
     def _val_loader(self, batch_size: int, rank: int, world_size: int) -> Any:
         d = self.cfg.data
         return build_eval_loader(self.shards("val"), image_size=d.image_size, batch_size=batch_size, rank=rank,
-                                 world_size=world_size, num_workers=0, pixel_range=d.pixel_range)
+                                 world_size=world_size, num_workers=0, pixel_range=d.pixel_range, index=d.index,
+                                 verify=d.verify_shards)
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -309,7 +310,9 @@ class RFIDEvaluator:
         e = cfg.eval
         self.due, self.export = Every(e.every, cfg.train.steps), export
         self.folder = Path(cfg.train.out_dir) / "exports"
-        self.inner = AsyncEvaluator(Source(shards=val_shards, resolution=cfg.data.image_size), ref=e.ref,
+        source = Source(shards=val_shards, resolution=cfg.data.image_size, index=cfg.data.index,
+                        verify=cfg.data.verify_shards)  # remote val shards need the index, as validation does
+        self.inner = AsyncEvaluator(source, ref=e.ref,
                                     workers=e.workers, extractor=e.extractor, inception_weights=e.inception_weights,
                                     batch_size=e.batch_size, lpips=e.lpips)
 

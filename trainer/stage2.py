@@ -204,7 +204,8 @@ class Stage2Task:
     def validate(self) -> dict[str, float]:
         """Loss (nats per token) and token accuracy over ``val_batches`` micro-batches per rank, no dropout."""
         loader = build_token_eval_loader(self.cfg.tokens.val_tokens, batch_size=self.cfg.train.micro_batch_size,
-                                         rank=self.dist.rank, world_size=self.dist.world_size)
+                                         rank=self.dist.rank, world_size=self.dist.world_size,
+                                         index=self.cfg.tokens.index, verify=self.cfg.tokens.verify_shards)
         prior, p = self.prior, self.cfg.prior
         was_training = prior.training
         prior.eval()

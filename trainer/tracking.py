@@ -14,7 +14,10 @@ takes one writer at a time.
 Where runs go: the ``tracking_uri`` argument, else ``MLFLOW_TRACKING_URI``, else MLflow's default
 (``sqlite:///mlflow.db`` in the working directory for MLflow 3.x).
 
-A resumed run (``run_id=`` from the checkpoint) continues the SAME MLflow run instead of starting another.
+A resumed run (``run_id=`` from the checkpoint) continues the SAME MLflow run instead of starting another, unless
+the folder it resumes in is not the one the run was started in (tag ``vitvq.out_dir``): a copied run folder
+(``cp -r runs/a runs/b``) starts a new run tagged ``copied_from_run_id`` rather than writing into the original's
+(issue 20, item 9). Names, params and tags pass through ``configs/redact.py``: no secret reaches the store.
 MLflow's usage telemetry is off unless ``MLFLOW_DISABLE_TELEMETRY`` says otherwise: offline, its background client
 slowed training steps many-fold. The rules for resumed params and tags, long params, non-finite values and store
 errors, and that measurement: README, "Design notes".
@@ -41,6 +44,9 @@ import numpy as np
 from vitvq.configs.redact import redact, redact_config
 
 STATUSES = ("FINISHED", "FAILED", "KILLED")
+OUT_DIR_TAG = "vitvq.out_dir"
+"""The resolved folder a run was created for: a resume from another folder (a copy) starts a new run."""
+COPIED_TAG = "copied_from_run_id"
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # before mlflow is imported; see the docstring
 
 
@@ -123,22 +129,36 @@ class MLflowTracker(Tracker):
     several trackers in one process)."""
 
     def __init__(self, experiment: str, run_name: Optional[str] = None, tracking_uri: Optional[str] = None,
-                 run_id: Optional[str] = None, tags: Optional[dict[str, Any]] = None) -> None:
+                 run_id: Optional[str] = None, tags: Optional[dict[str, Any]] = None,
+                 out_dir: Optional[str] = None) -> None:
         self.client = mlflow_client(tracking_uri)
         self.tracking_uri: str = self.client.tracking_uri
-        self.experiment_id = get_or_create_experiment(self.client, experiment)
+        self.experiment_id = get_or_create_experiment(self.client, redact(experiment))
         self.closed = False
         run = self._existing_run(run_id) if run_id else None
+        copied_from = None
+        if run is not None and out_dir and run.data.tags.get(OUT_DIR_TAG, out_dir) != out_dir:
+            copied_from, run = run, None
+        self.created = run is None
         if run is None:
-            run = self.client.create_run(self.experiment_id, run_name=run_name)
+            run = self.client.create_run(self.experiment_id, run_name=redact(run_name) if run_name else None)
             self.resume_index = 0
-            if run_id:  # the checkpoint named a run this store does not have: keep a trace of it
+            if copied_from is not None:  # a copy of another run's folder: its history is the original's, not ours
+                self.client.set_tag(run.info.run_id, COPIED_TAG, run_id)
+                print(f"tracking: {out_dir} is a copy of {copied_from.data.tags[OUT_DIR_TAG]}, whose MLflow run is "
+                      f"{run_id}; this folder's run is a new one, {run.info.run_id} (tag {COPIED_TAG})", flush=True)
+            elif run_id:  # the checkpoint named a run this store does not have: keep a trace of it
                 self.client.set_tag(run.info.run_id, "resume.missing_run_id", run_id)
+            if out_dir:
+                self.client.set_tag(run.info.run_id, OUT_DIR_TAG, out_dir)
         else:
             # start_run(run_id=...) does the same: the run goes back to RUNNING and keeps its history.
             self.client.update_run(run.info.run_id, status="RUNNING")
             self.resume_index = int(run.data.tags.get("resume.count", "0")) + 1
             self.client.set_tag(run.info.run_id, "resume.count", str(self.resume_index))
+            if out_dir and OUT_DIR_TAG not in run.data.tags:  # a run from before the tag: it lives here from now on
+                self.client.set_tag(run.info.run_id, OUT_DIR_TAG, out_dir)
+                run = self.client.get_run(run.info.run_id)
         self.run_id = run.info.run_id
         self._params: dict[str, str] = dict(run.data.params)
         self._tags: dict[str, str] = dict(run.data.tags)
@@ -166,7 +186,7 @@ class MLflowTracker(Tracker):
             old = self._tags.get(key)
             if self.resume_index == 0 or old is None:
                 out[key] = value
-            elif old != clip(value, tag_limit()):
+            elif old != clip(redact(str(value), key), tag_limit()):
                 out[f"resume.{self.resume_index}.{key}"] = value
         self.set_tags(out)
 
@@ -187,7 +207,7 @@ class MLflowTracker(Tracker):
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
-        items = [(clean_key(k), clip(v, tag_limit())) for k, v in tags.items()]
+        items = [(clean_key(k), clip(redact(str(v), k), tag_limit())) for k, v in tags.items()]
         self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in items])
         self._tags.update(items)
 
@@ -197,9 +217,10 @@ class MLflowTracker(Tracker):
         try:
             self.client.get_run(run_id)
         except MlflowException:
-            warnings.warn(f"MLflow run {run_id} is not in {self.tracking_uri}: no link back to run {self.run_id}")
+            warnings.warn(f"MLflow run {run_id} is not in {redact(self.tracking_uri)}: no link back to run {self.run_id}")
             return False
-        self.client.log_batch(run_id, tags=[RunTag(clean_key(k), clip(v, tag_limit())) for k, v in tags.items()])
+        self.client.log_batch(run_id, tags=[RunTag(clean_key(k), clip(redact(str(v), k), tag_limit()))
+                                            for k, v in tags.items()])
         return True
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -239,10 +260,12 @@ class MLflowTracker(Tracker):
 
 def make_tracker(rank: int, enabled: bool, experiment: str, run_name: Optional[str] = None,
                  run_id: Optional[str] = None, tracking_uri: Optional[str] = None,
-                 tags: Optional[dict[str, Any]] = None) -> Tracker:
-    """An ``MLflowTracker`` on rank 0 when tracking is on, a ``NullTracker`` everywhere else."""
+                 tags: Optional[dict[str, Any]] = None, out_dir: Optional[str] = None) -> Tracker:
+    """An ``MLflowTracker`` on rank 0 when tracking is on, a ``NullTracker`` everywhere else. ``out_dir``: the
+    resolved folder the run belongs to (a resume from another folder starts a new run)."""
     if rank == 0 and enabled:
-        return MLflowTracker(experiment, run_name=run_name, tracking_uri=tracking_uri, run_id=run_id, tags=tags)
+        return MLflowTracker(experiment, run_name=run_name, tracking_uri=tracking_uri, run_id=run_id, tags=tags,
+                             out_dir=out_dir)
     return NullTracker()
 
 
@@ -273,7 +296,7 @@ def log_evaluation(run_id: str, metrics: dict[str, float], protocol: dict[str, A
         client.log_metric(run_id, clean_key(key), float(value), step=int(step))
     for key, value in protocol.items():
         text = json.dumps(value, sort_keys=True) if isinstance(value, dict) else value
-        client.set_tag(run_id, clean_key(f"eval.protocol.{key}"), clip(text, tag_limit()))
+        client.set_tag(run_id, clean_key(f"eval.protocol.{key}"), clip(redact(str(text), key), tag_limit()))
 
 
 def get_or_create_experiment(client: Any, name: str) -> str:

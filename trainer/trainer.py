@@ -23,9 +23,9 @@ import torch
 from tqdm import tqdm
 
 from vitvq.configs import flatten, to_dict
-from vitvq.trainer.checkpoint import (CheckpointManager, check_shared_folder, latest_file, maybe_fault, rank_file,
-                                      set_rng_state)
-from vitvq.configs.redact import redact_config
+from vitvq.configs.redact import redact, redact_config
+from vitvq.trainer.checkpoint import (CheckpointManager, atomic_write_text, check_shared_folder, latest_file,
+                                      maybe_fault, rank_file, set_rng_state)
 from vitvq.trainer.config import config_hash
 from vitvq.trainer.engine import (all_reduce_sum, any_rank, barrier, build_engine, init_distributed,
                                   shutdown_distributed)
@@ -87,24 +87,53 @@ class Trainer:
         self.stream = self.task.train_stream(data_state)
         self.batches = iter(self.stream)
         self.task.on_start()
+        if resume and self.dist.is_main:
+            self.truncate_metrics()
         self.tracker = make_tracker(
             rank=self.dist.rank, enabled=cfg.train.tracking, experiment=cfg.train.experiment,
             run_name=cfg.train.run_name or cfg.recipe, run_id=self.run_id if resume else None, tracking_uri=None,
+            out_dir=str(self.out.resolve()),
             tags={"git_commit": git_commit() or "unknown", "world_size": str(self.dist.world_size),
                   "recipe": cfg.recipe, "config_hash": config_hash(cfg), "stage": self.task.name, **self.task.tags(),
                   **({"mlflow.parentRunId": cfg.train.parent_run_id} if cfg.train.parent_run_id else {})})
+        try:
+            self.start_tracking(resume is not None)
+        except BaseException as e:  # a run that exists must not stay RUNNING (issue 20)
+            self.tracker.close(failed_status(e))
+            raise
+
+    def start_tracking(self, resumed: bool) -> None:
+        """The first records of the (new or resumed) MLflow run, ``config.json`` and the evaluator."""
+        cfg = self.cfg
         self.run_id = self.tracker.run_id
         # What this process runs on, at the step it starts from: a restart or a resize shows as a change here
         # (restarts = how often this MLflow run was resumed; a NullTracker has no count and records nothing).
         self.tracker.log_metrics({"sys/world_size": self.dist.world_size,
                                   "sys/restarts": getattr(self.tracker, "resume_index", 0)}, step=self.step)
-        if not resume:
+        if not resumed or getattr(self.tracker, "created", False):  # a new run: also a copied folder's (item 9)
             self.tracker.log_params(flatten(cfg))
             for other, tags in self.task.linked_runs(self.run_id).items():
                 self.tracker.tag_other_run(other, tags)
         if self.dist.is_main:
             (self.out / "config.json").write_text(json.dumps(redact_config(flatten(cfg)), indent=1, default=str))
         self.evaluator = self.task.evaluator(self.export_to) if self.dist.is_main else None
+
+    def truncate_metrics(self) -> None:
+        """On resume, drop the records of the steps after the checkpoint from ``metrics.jsonl``: they are redone, and
+        the file must never hold a step twice (issue 20). Atomic: a crash here leaves the old file or the new one."""
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return
+        lines = path.read_text().splitlines(keepends=True)
+        kept = []
+        for line in lines:
+            try:
+                if int(json.loads(line)["step"]) <= self.step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):  # a line cut by the crash: it is redone too
+                pass
+        if len(kept) != len(lines):
+            atomic_write_text(path, "".join(kept))
 
     def seed_everything(self, seed: int) -> None:
         random.seed(seed + self.dist.rank)
@@ -135,8 +164,8 @@ class Trainer:
             if "task" in rank_state and hasattr(self.task, "load_rank_state_dict"):
                 self.task.load_rank_state_dict(rank_state["task"])
             if self.dist.is_main:  # said on every launch path (torchrun, Ray, a plain process): never a silent resume
-                print(f"resumed {tag} at step {self.step} on {self.dist.world_size} rank(s) "
-                      f"({self.ckpt.root / tag})", flush=True)
+                print(redact(f"resumed {tag} at step {self.step} on {self.dist.world_size} rank(s) "
+                             f"({self.ckpt.root / tag})"), flush=True)
             return rank_state["data"]
         # Another world size: the RNG states do not map onto the new ranks, so every rank is reseeded from the step
         # (deterministic), and every rank, old or new (a new one has no rank file), continues the data from the same
@@ -160,11 +189,14 @@ class Trainer:
         cfg = self.cfg
         client_state = {"step": self.step, "mlflow_run_id": self.run_id, "config_hash": config_hash(cfg),
                         "task": self.task.state_dict()}
-        # meta.json describes the checkpoint without loading it: what wrote it and how (the export reads it).
-        meta = {"mlflow_run_id": self.run_id, "config_hash": config_hash(cfg), "recipe": cfg.recipe,
+        # meta.json describes the checkpoint without loading it: what wrote it and how. Its config is redacted like
+        # config.json (issue 20): the export rebuilds only the model from it, and model fields hold no secrets; a
+        # resume takes its config from the command line, never from here.
+        meta = {"mlflow_run_id": self.run_id, "config_hash": config_hash(cfg), "recipe": redact(cfg.recipe),
                 "stage": self.task.name, "zero_stage": cfg.train.zero_stage, "precision": cfg.train.precision,
-                "config": to_dict(cfg)}
-        rank_state = {"data": self.stream.state_dict()}
+                "config": redact_config(to_dict(cfg)), "config_redacted": True}
+        # The data state's readable position names shard URLs (credentials and all): masked, as it is never read back.
+        rank_state = {"data": redact_config(self.stream.state_dict())}
         if hasattr(self.task, "rank_state_dict"):
             rank_state["task"] = self.task.rank_state_dict()
         folder = self.ckpt.save(self.step, self.engines, client_state, rank_state, meta)
@@ -253,7 +285,7 @@ class Trainer:
         latest: dict[str, float] = {}
         for res in (self.evaluator.close() if wait else self.evaluator.poll()):
             if res.error:
-                tqdm.write(f"evaluation of step {res.step} failed: {res.error}")
+                tqdm.write(redact(f"evaluation of step {res.step} failed: {res.error}"))
                 continue
             self.tracker.log_metrics(res.metrics, step=res.step)
             self.tracker.set_tags({f"eval.protocol.{k}": v for k, v in res.protocol.items()})
@@ -266,10 +298,6 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         t = self.cfg.train
         validating = self.task.has_validation
-        if self.step == 0:  # the "before" picture and numbers, to compare the end of training against
-            self.draw()
-            if validating and t.val_every:
-                self.validate()
         # Not a terminal (a Ray Train worker, whose output reaches the driver line by line; a log file): a line every
         # 30 s instead of a redraw every 0.1 s, so that a log holds the rate and ETA rather than thousands of lines.
         bar = tqdm(total=t.steps, initial=self.step, disable=not (t.progress and self.dist.is_main),
@@ -278,6 +306,10 @@ class Trainer:
         stop = StopRequest(t.preempt_signal)
         preempted: Optional[str] = None
         try:
+            if self.step == 0:  # the "before" picture and numbers, to compare the end of training against
+                self.draw()
+                if validating and t.val_every:
+                    self.validate()
             while self.step < t.steps:
                 t0 = time.perf_counter()
                 metrics, wait = self.train_step()
@@ -307,10 +339,10 @@ class Trainer:
                     if not (self.should_save(self.step) or evaluate):
                         self.save()
                     break
-        except BaseException:
+        except BaseException as e:  # at any step, step 0 included: the MLflow run never stays RUNNING
             bar.close()
             stop.restore()
-            self.tracker.close(status="FAILED")
+            self.tracker.close(status=failed_status(e))
             raise
         stop.restore()
         bar.close()
@@ -335,6 +367,11 @@ class Trainer:
             self.tracker.log_artifact(path, artifact_path="export")
         barrier()
         return path
+
+
+def failed_status(e: BaseException) -> str:
+    """The MLflow status of a run that ``e`` ends: KILLED for Ctrl-C, FAILED otherwise."""
+    return "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
 
 
 def train(cfg: Any, task_cls: Optional[type] = None, on_checkpoint: Optional[OnCheckpoint] = None) -> dict[str, Any]:

@@ -14,6 +14,12 @@ keep the global batch. SIGTERM to a worker stops at a step, saved, as under ``to
 off the main thread, so :func:`on_actor_main_thread` lets ``StopRequest`` install its handlers there, and
 :class:`WorkerStopped` makes Ray restart the group from that step. What was probed on Ray 2.60 behind these choices
 (Ray's own SIGTERM handling, pointer retention, listening sockets): README, "Design notes".
+
+Secrets never travel in what Ray records (issue 20, item 3): Ray 2.60's runtime-env agent logs every runtime env it
+creates, env_vars values included ("Creating runtime env: ..." in ``runtime_env_agent.log``, which the dashboard
+serves), and Ray Train records ``train_loop_config`` in its run state. So the runtime env forwards only variables
+whose values ``configs/redact.py`` leaves alone, ``train_loop_config`` holds the redacted config, and the real
+config and secret variables go to the workers as one object in the object store (:func:`train_loop` reads it).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
 from vitvq.configs import from_dict, to_dict
+from vitvq.configs.redact import redact, redact_config
 from vitvq.trainer.checkpoint import CheckpointManager
 from vitvq.launch.orchestration.cluster import check_multinode, check_visible_everywhere
 from vitvq.trainer.engine import free_port
@@ -91,6 +98,14 @@ def forwarded_env() -> dict[str, str]:
                                                        for p in FORWARD_ENV)}
 
 
+def split_secrets(env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """``(public, secret)``: a variable is secret when its name looks secret or redaction changes its value
+    (``MLFLOW_TRACKING_PASSWORD``, ``MLFLOW_TRACKING_URI=https://user:pw@host``). Only ``public`` may enter a Ray
+    runtime env."""
+    public = {k: v for k, v in env.items() if redact(v, k) == v}
+    return public, {k: v for k, v in env.items() if k not in public}
+
+
 @contextlib.contextmanager
 def ray_cluster(address: Optional[str] = None, num_cpus: Optional[float] = None,
                 num_gpus: Optional[float] = None) -> Iterator[None]:
@@ -104,7 +119,7 @@ def ray_cluster(address: Optional[str] = None, num_cpus: Optional[float] = None,
     # Inside a Ray job (launch/submit.py) the job's runtime env already carries the environment; a second one
     # naming the same variables is refused by Ray ("Failed to merge the Job's runtime env"), echoing their values.
     in_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
-    runtime_env = None if in_job else {"env_vars": forwarded_env()}
+    runtime_env = None if in_job else {"env_vars": split_secrets(forwarded_env())[0]}  # secrets: see fit()
     tmp = None
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, runtime_env=runtime_env)
@@ -186,12 +201,16 @@ class WorkerStopped(RuntimeError):
 def train_loop(config: dict[str, Any]) -> Optional[dict[str, Any]]:
     """The function every Ray Train worker runs: ``config`` holds the stage, the job config as a dict and the
     driver's working directory. Returns rank 0's ``train()`` result (Ray hands it back as ``Result.return_value``)."""
+    import ray
     import ray.train
     from vitvq.trainer.preemption import Preempted, StopRequest
     from vitvq.trainer.trainer import train
 
+    # The real config and the secret variables (fit() put them in the object store; config["config"] is masked).
+    private = ray.get(config["private"]) if "private" in config else {"config": config["config"], "env": {}}
+    os.environ.update(private["env"])
     cfg_cls, _ = stage_classes(config["stage"])
-    cfg = from_dict(cfg_cls, config["config"])
+    cfg = from_dict(cfg_cls, private["config"])
     if config.get("cwd") and Path(config["cwd"]).is_dir():
         # Relative paths of the config (data, tokenizer, MLflow's sqlite:///mlflow.db) mean what they mean for the
         # plain launchers; Ray Train would otherwise run the function in its own run folder.
@@ -231,6 +250,7 @@ def fit(cfg: Any, workers: Workers, *, gpus_per_worker: float = 0, cpus_per_work
 
     ``storage`` defaults to ``<out_dir>/ray`` and ``name`` to the recipe: the same command resumes the same Ray
     run (and, through our ``latest``, the same checkpoint and MLflow run)."""
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -254,7 +274,11 @@ def fit(cfg: Any, workers: Workers, *, gpus_per_worker: float = 0, cpus_per_work
                     failure_config=FailureConfig(max_failures=max_failures),
                     checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last))
     # Ray Train creates the process group (init_distributed then joins it): give it our collective timeout.
-    trainer = TorchTrainer(train_loop, train_loop_config={"stage": cfg.stage, "config": config, "cwd": os.getcwd()},
+    # Not in train_loop_config (Ray Train records it): the config's secrets and the secret variables, which workers
+    # on a cluster started elsewhere do not inherit. The reference lives as long as this driver waits in fit().
+    private = ray.put({"config": config, "env": split_secrets(forwarded_env())[1]})
+    loop_config = {"stage": cfg.stage, "config": redact_config(config), "cwd": os.getcwd(), "private": private}
+    trainer = TorchTrainer(train_loop, train_loop_config=loop_config,
                            torch_config=TorchConfig(timeout_s=cfg.train.dist_timeout_s), scaling_config=scaling,
                            run_config=run)
     result = trainer.fit()
@@ -277,5 +301,5 @@ def prune_pointers(result: Any) -> list[Path]:
     return stale
 
 
-__all__ = ["POINTER_FILE", "parse_workers", "batch_problem", "check_request", "ray_cluster", "read_pointer", "resume_note",
+__all__ = ["POINTER_FILE", "parse_workers", "split_secrets", "batch_problem", "check_request", "ray_cluster", "read_pointer", "resume_note",
            "on_actor_main_thread", "WorkerStopped", "train_loop", "fit", "prune_pointers"]

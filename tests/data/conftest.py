@@ -1,9 +1,13 @@
-"""Small shard sets made by the tests themselves (no network, no shared data needed)."""
+"""Small shard sets made by the tests themselves (no network, no shared data needed), and a local HTTP server."""
 
 from __future__ import annotations
 
+import functools
 import io
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Callable, Iterator
 from types import SimpleNamespace
 
 import numpy as np
@@ -55,3 +59,25 @@ def mk() -> SimpleNamespace:
     """The image and shard makers above, for test modules (pytest's importlib mode cannot import conftest)."""
     return SimpleNamespace(photo_like=photo_like, jpeg_bytes=jpeg_bytes, make_folder=make_folder,
                            make_shards=make_shards)
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
+        pass
+
+
+@pytest.fixture
+def http_serve() -> Iterator[Callable[[Path], str]]:
+    """``serve(folder)`` -> base URL of a real HTTP server on 127.0.0.1 serving ``folder`` (stopped after the test)."""
+    servers = []
+
+    def serve(folder: Path) -> str:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(folder)))
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from vitvq.launch.prepare_data import main as prepare
@@ -158,3 +160,37 @@ def test_imagenet_val_layout_with_labels(tmp_path: Path, mk) -> None:
     for sample in read_shards(tmp_path / "out" / "imagenet-val-index.json").values():
         i = int(json.loads(sample["json"])["src"][15:23]) - 1
         assert int(sample["cls"]) == (i * 2) % 3
+
+
+def test_a_folder_without_images_is_refused_naming_it_and_what_was_looked_for(tmp_path: Path) -> None:
+    # Issue 20.10: an empty folder wrote 0 samples and exited 0.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=rf"--src {re.escape(str(empty))} holds no image.*looked for files in it.*"
+                                         r"\.jpg.*holds no files"):
+        prepare(["folder", "--src", str(empty), "--out", str(out), "--no-progress"])
+    (empty / "cats").mkdir()
+    (empty / "cats" / "readme.txt").write_text("no pictures here")
+    with pytest.raises(SystemExit, match=r"class sub-folders \(cats\).*cats/readme\.txt \(not an image file name"):
+        prepare(["folder", "--src", str(empty), "--out", str(out), "--no-progress"])
+    assert not out.exists()  # refused before anything was written
+
+
+def test_a_missing_source_says_it_does_not_exist(tmp_path: Path) -> None:
+    # Issue 20.10: a missing ImageNet folder was reported as "has no synset folders".
+    missing = tmp_path / "imagenet" / "train"
+    for kind in ("imagenet", "folder", "ffhq"):
+        with pytest.raises(SystemExit, match=rf"--src {re.escape(str(missing))} does not exist"):
+            prepare([kind, "--src", str(missing), "--out", str(tmp_path / "out"), "--no-progress"])
+
+
+def test_a_folder_of_only_unreadable_images_fails_after_listing_them(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(b"<html>404</html>")
+    (src / "b.png").write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"none of the 2 images .* could be written"):
+        prepare(["folder", "--src", str(src), "--out", str(tmp_path / "out"), "--no-progress", "--workers", "1"])
+    index = json.loads((tmp_path / "out" / "src-train-index.json").read_text())
+    assert index["num_samples"] == 0 and index["num_skipped"] == 2  # skipped and counted, as for any bad file

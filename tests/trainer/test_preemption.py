@@ -67,6 +67,8 @@ def test_sigterm_saves_the_step_and_the_same_command_finishes_like_an_uninterrup
 
     res = subprocess.run(command(out), env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
+    assert f"resumed {latest} at step {stopped} on 2 rank(s)" in res.stdout  # said once (rank 0), never silent
+    assert res.stdout.count("resumed step_") == 1
     assert json.loads(meta_file(out / "checkpoints" / tag_of(STEPS)).read_text())["step"] == STEPS
     a = torch.load(out / "tokenizer.pt", weights_only=False)["state_dict"]
     b = torch.load(straight / "tokenizer.pt", weights_only=False)["state_dict"]
