@@ -28,6 +28,23 @@ import numpy as np
 from tqdm import tqdm
 
 
+def start_local_ray(**init_kwargs: Any) -> str:
+    """``ray.init`` of a local cluster in a short temp dir (Ray's socket paths must stay under 107 characters);
+    returns the dir, which the caller removes after ``ray.shutdown()``. A start that fails stops whatever it had
+    started and removes the dir, so a failed start leaves nothing behind."""
+    import ray
+    tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    try:
+        ray.init(_temp_dir=tmp, **init_kwargs)
+    except BaseException:
+        try:
+            ray.shutdown()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
 class ActorPool:
     """``workers`` Ray actors of ``worker_cls(*args)`` (a local cluster, or the one at ``address``), or one
     in-process instance (``workers=0``). ``ready`` names a method every worker answers once it is up; the first
@@ -41,24 +58,32 @@ class ActorPool:
             self.handles: list[Any] = [worker_cls(*args)]
         else:
             import ray
-            self._ray = ray
+            self._ray, self.handles = ray, []
             if not ray.is_initialized():
                 if address:
                     ray.init(address=address)
-                else:  # a short temp dir: Ray's socket paths must stay under 107 characters
-                    self._tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-                    ray.init(num_cpus=max(1, int(np.ceil(workers * cpus_per_worker))), include_dashboard=False,
-                             _temp_dir=self._tmp)
+                else:
+                    self._tmp = start_local_ray(num_cpus=max(1, int(np.ceil(workers * cpus_per_worker))),
+                                                include_dashboard=False)
                 self._owns_ray = True
-            # "DEFAULT" places the actors outside any placement group, even when this pool is made inside one (rank 0
-            # of a Ray Train run hands checkpoints to it): they take free resources of the cluster, never a bundle
-            # reserved for Train's workers. Ray 2.60's Train V2 creates its workers without capturing child tasks
-            # (PlacementGroupSchedulingStrategy(..., placement_group_capture_child_tasks=None)), so this is what Ray
-            # would do too; the explicit option keeps it so if a caller or a Ray version captures.
-            actor = ray.remote(worker_cls).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
-                                                   scheduling_strategy="DEFAULT")
-            self.handles = [actor.remote(*args) for _ in range(workers)]
+            try:
+                self.handles = self._create(ray, worker_cls, args, workers, cpus_per_worker, gpus_per_worker)
+            except BaseException:  # e.g. resources Ray refuses: stop the cluster we started, remove its folder
+                self.close()
+                raise
         self.ready_value: Any = self._started(ready, startup_timeout)
+
+    @staticmethod
+    def _create(ray: Any, worker_cls: type, args: tuple, workers: int, cpus_per_worker: float,
+                gpus_per_worker: float) -> list[Any]:
+        # "DEFAULT" places the actors outside any placement group, even when this pool is made inside one (rank 0
+        # of a Ray Train run hands checkpoints to it): they take free resources of the cluster, never a bundle
+        # reserved for Train's workers. Ray 2.60's Train V2 creates its workers without capturing child tasks
+        # (PlacementGroupSchedulingStrategy(..., placement_group_capture_child_tasks=None)), so this is what Ray
+        # would do too; the explicit option keeps it so if a caller or a Ray version captures.
+        actor = ray.remote(worker_cls).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
+                                               scheduling_strategy="DEFAULT")
+        return [actor.remote(*args) for _ in range(workers)]
 
     def _started(self, method: str, timeout: float) -> Any:
         """Wait for every worker to be up (its model loaded); the first worker's answer to ``method``."""

@@ -40,6 +40,7 @@ from vitvq.trainer.checkpoint import CheckpointManager
 from vitvq.launch.orchestration.cluster import check_multinode, check_visible_everywhere
 from vitvq.trainer.engine import free_port
 from vitvq.trainer.task import stage_classes
+from vitvq.data.pool import start_local_ray
 
 POINTER_FILE = "vitvq_checkpoint.json"
 """The one file of a checkpoint reported to Ray: which of our checkpoints it stands for."""
@@ -124,13 +125,12 @@ def ray_cluster(address: Optional[str] = None, num_cpus: Optional[float] = None,
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, runtime_env=runtime_env)
     else:
-        tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
         # With the dashboard (on localhost, a free port) Ray Train's placement-group cleaner can read the state
         # API; without it, it warns "Failed to query Ray Train Controller actor state" every few seconds.
         # The dashboard (which runs any job it is sent) on 127.0.0.1. The rest of Ray cannot be kept on localhost:
         # see the module docstring.
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=free_port(), _temp_dir=tmp, runtime_env=runtime_env)
+        tmp = start_local_ray(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True,
+                              dashboard_host="127.0.0.1", dashboard_port=free_port(), runtime_env=runtime_env)
     try:
         yield
     finally:

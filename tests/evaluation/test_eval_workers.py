@@ -123,3 +123,4 @@ def test_async_evaluator_returns_at_once_and_matches_sync(cifar, ray_cluster, po
         for k, v in sync.metrics.items():
             assert r.metrics[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
         assert r.protocol["reference"].startswith("the evaluated originals")
+
