@@ -26,11 +26,17 @@ from typing import Optional
 import braceexpand
 from webdataset.tariterators import base_plus_ext
 
+from vitvq.configs.redact import redact
+
 INDEX_FORMAT = "vitvq-shards-v1"
 
 
 class ShardError(ValueError):
-    """A shard specification refused before training, with what to change."""
+    """A shard specification refused before training, with what to change. Its message names the shards, which may
+    carry credentials (``pipe:curl -u user:pw ...``, signed URLs): it is redacted here, once for every such error."""
+
+    def __init__(self, message: str):
+        super().__init__(redact(message))
 
 
 @dataclass(frozen=True)

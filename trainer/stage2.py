@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from vitvq.configs import check
+from vitvq.configs.redact import redact
 from vitvq.data import build_token_eval_loader, build_token_stream, check_lineage, index_checksum
 from vitvq.data.shards import sha256_file
 from vitvq.data.tokens import TokenDataConfig, index_token_facts
@@ -264,8 +265,8 @@ class Stage2Task:
         prior = Prior(cfg.prior)
         prior.load_state_dict(state, strict=True)
         tok = Path(cfg.tokenizer).expanduser()
-        lineage = {"tokenizer": str(tok), "tokenizer_sha256": sha256_file(tok) if tok.is_file() else None,
-                   "tokens": cfg.tokens.train_tokens}
+        lineage = {"tokenizer": redact(str(tok)), "tokenizer_sha256": sha256_file(tok) if tok.is_file() else None,
+                   "tokens": redact(cfg.tokens.train_tokens)}  # the export travels: no credential of a shard URL
         return prior.save_export(dest, {**extra, **lineage})
 
     def summary(self, metrics: dict[str, float]) -> list[tuple[str, str]]:

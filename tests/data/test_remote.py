@@ -87,3 +87,14 @@ def test_evaluation_workers_read_remote_shards_with_the_index(tmp_path: Path, mk
     with pytest.raises(Exception, match="no sample count for remote shard"):
         worker.start(Job(Source(shards=spec, resolution=16), batch_size=4), rank=0, world_size=1)
     assert worker.start(Job(Source(shards=spec, resolution=16, index=both), batch_size=4), rank=0, world_size=1) == 12
+
+
+def test_shard_errors_never_print_the_credentials_of_a_shard_spec() -> None:
+    """Every refusal of a shard spec quotes it (``data.val_shards='...' holds no samples``); the spec may carry a
+    password or a signature, and the message reaches logs and tracebacks."""
+    from vitvq.data.urls import ShardError
+    from vitvq.data.verify import mismatch
+    for spec in ("pipe:curl -s -u me:s3cr3t-VAL-17 https://host/x-{000000..000003}.tar",
+                 "https://host/x-000000.tar?X-Amz-Signature=s3cr3t-VAL-17&X-Amz-Date=1"):
+        assert "s3cr3t-VAL-17" not in str(ShardError(f"data.val_shards={spec!r} holds no samples"))
+        assert "s3cr3t-VAL-17" not in str(mismatch(spec, "a" * 64, "b" * 64))
