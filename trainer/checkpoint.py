@@ -12,7 +12,11 @@ Layout of ``<out_dir>/checkpoints``::
 (each rank syncs what it wrote; rank 0 then syncs the folders and ``meta.json``), so neither a crash in the
 middle of a save nor a power loss right after ``latest`` moved leaves a checkpoint that is not on disk as the
 one resumed. Older checkpoints beyond ``keep_last`` are deleted after the pointer has moved, and so are the
-partial folders (no ``meta.json``) that crashed saves left behind.
+partial folders (no ``meta.json``) that crashed saves left behind; a starting run deletes them before it writes
+anything, since a partial folder may be what filled the disk.
+
+``meta.json`` also lists the size and sha256 of every file (``trainer/integrity.py``): a resume checks them and
+falls back to the newest intact checkpoint, saying so, when the one ``latest`` names is damaged.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ import torch
 
 from vitvq.trainer.engine import (DistInfo, all_gather_object, barrier, broadcast_object, convert_to_universal, load_engine,
                                   save_engine)
+from vitvq.trainer.integrity import (check, checksums, describe_write_error, first_intact, folder_files, free_bytes,
+                                     is_write_error, own_checksums, write_failed_message)
 
 
 # -- the layout on disk: every name of it is spelled here and only here -----------------------------------
@@ -81,6 +87,24 @@ def meta_file(folder: Path) -> Path:
 def latest_file(root: Path) -> Path:
     """The pointer in checkpoints folder ``root`` to the newest complete checkpoint (it holds that tag)."""
     return root / "latest"
+
+
+def checkpoints_root(out_dir: str | Path) -> Path:
+    """The checkpoints folder of the run in ``out_dir``."""
+    return Path(out_dir) / "checkpoints"
+
+
+def prune_partial_saves(root: Path) -> list[Path]:
+    """Delete the step folders of checkpoints folder ``root`` that have no ``meta.json`` (saves that crashed before
+    completing; never named by ``latest``); returns them, oldest first. Only while no rank is saving."""
+    partial = [p for p in step_folders(root) if not meta_file(p).is_file()]
+    for p in partial:
+        shutil.rmtree(p, ignore_errors=True)
+    return partial
+
+
+class CheckpointWriteError(OSError):
+    """A save failed to write (a full disk, a quota, a lost mount); ``latest`` still names the previous one."""
 
 
 FAULT_ENV = "VITVQ_INJECT_FAULT"
@@ -167,10 +191,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def check_shared_folder(folder: Path, dist: DistInfo) -> None:
     """Collective: refuse to start unless every rank sees the file rank 0 just wrote in ``folder``: with node-local
-    disks the other nodes would find no ``latest`` and start fresh while rank 0 resumes."""
+    disks the other nodes would find no ``latest`` and start fresh while rank 0 resumes. This is a run's first
+    write, so rank 0 deletes the partial step folders of crashed saves (:func:`prune_partial_saves`) before it."""
     probe = folder / f".shared-check-{os.getpid()}-{dist.rank}"
     token = f"{time.time_ns()}-{os.getpid()}"
     if dist.is_main:
+        # A save that crashed on a full disk may have left the partial folder that fills it (issue 20, item 3).
+        prune_partial_saves(checkpoints_root(folder))
         atomic_write_text(probe, token)
     token, name = broadcast_object((token, probe.name))
     seen = (folder / name).is_file() and (folder / name).read_text() == token
@@ -189,77 +216,128 @@ class CheckpointManager:
     """The checkpoints of one run. Without ``dist`` it only reads (exports, tools); saving needs the process group."""
 
     def __init__(self, out_dir: str | Path, dist: Optional[DistInfo] = None, keep_last: int = 1):
-        self.root = Path(out_dir) / "checkpoints"
+        self.root = checkpoints_root(out_dir)
         self.dist, self.keep_last = dist, keep_last
+        self._said: set[str] = set()  # the notes already printed ("no checksums recorded"), once each
         if dist is not None:
             self.root.mkdir(parents=True, exist_ok=True)
             if dist.is_main:  # a run starts: nothing writes here yet, so a folder without meta.json is a crashed save
                 self.prune_partial()
 
     def prune_partial(self) -> list[Path]:
-        """Delete the step folders that have no ``meta.json`` (saves that crashed before completing; never named
-        by ``latest``); returns them, oldest first."""
-        partial = [p for p in step_folders(self.root) if not meta_file(p).is_file()]
-        for p in partial:
-            shutil.rmtree(p, ignore_errors=True)
-        return partial
+        """Delete the step folders that have no ``meta.json`` (see :func:`prune_partial_saves`)."""
+        return prune_partial_saves(self.root)
 
     @staticmethod
     def tag(step: int) -> str:
         return tag_of(step)
 
-    def latest(self) -> Optional[tuple[str, dict[str, Any]]]:
-        """(tag, meta) of the newest complete checkpoint, or None for a fresh run."""
+    def _newest_intact(self) -> Optional[tuple[str, dict[str, Any]]]:
         pointer = latest_file(self.root)
         if not pointer.is_file():
             return None
-        tag = pointer.read_text().strip()
-        meta = meta_file(self.root / tag)
-        if not meta.is_file():
-            raise RuntimeError(f"{pointer} names {tag}, which has no {meta.name}: the checkpoint folder was altered "
-                               f"by hand; point {pointer} at a complete step folder or delete it to start over")
-        return tag, json.loads(meta.read_text())
+        named = pointer.read_text().strip()
+        if not is_tag(named):
+            raise RuntimeError(f"{pointer} holds {named[:40]!r}, not a step folder name: it was altered by hand; write "
+                               f"the name of a complete step folder into it (like {tag_of(8)!r}), or delete it to "
+                               f"start over")
+        older = [p for p in reversed(step_folders(self.root))
+                 if step_of(p.name) < step_of(named) and meta_file(p).is_file()]
+        return first_intact([self.root / named, *older], "resuming from" if self.dist else "using", self._said)
+
+    def latest(self) -> Optional[tuple[str, dict[str, Any]]]:
+        """(tag, meta) of the newest intact complete checkpoint, or None for a fresh run: the one ``latest`` names,
+        unless its files differ from the checksums its save recorded (or its ``meta.json`` is unreadable): then the
+        next older intact one, said on stdout; none intact is an error. With a process group (every rank calls
+        this) rank 0 checks and broadcasts its answer, so that every rank resumes the same checkpoint."""
+        found, error = None, None
+        if self.dist is None or self.dist.is_main:
+            try:
+                found = self._newest_intact()
+            except Exception as e:  # raised below, once the other ranks know (none waits for a broadcast)
+                error = e
+        if self.dist is not None:
+            found, text = broadcast_object((found, None if error is None else f"{type(error).__name__}: {error}"))
+            if text and error is None:
+                raise RuntimeError(f"rank 0 found no checkpoint to resume: {text}")
+        if error is not None:
+            raise error
+        return found
 
     def complete(self, tag: Optional[str] = None) -> tuple[str, dict[str, Any]]:
-        """(tag, meta) of checkpoint ``tag``, or of the latest when None; refuses one that is missing or partial."""
+        """(tag, meta) of checkpoint ``tag``, or of the latest when None; refuses one that is missing, partial or
+        damaged."""
         if tag is None:
             found = self.latest()
             if found is None:
                 raise FileNotFoundError(f"no complete checkpoint in {self.root} (no {latest_file(self.root).name}): "
                                         f"train first, or name a checkpoint folder")
             return found
-        meta = meta_file(self.root / tag)
-        if not meta.is_file():
-            done = [p.name for p in step_folders(self.root) if meta_file(p).is_file()]
-            raise FileNotFoundError(f"{self.root / tag} is not a complete checkpoint (no {meta.name}); complete ones: "
-                                    f"{done or 'none'}")
-        return tag, json.loads(meta.read_text())
+        folder = self.root / tag
+        done = [p.name for p in step_folders(self.root) if meta_file(p).is_file()]
+        if not meta_file(folder).is_file():
+            raise FileNotFoundError(f"{folder} is not a complete checkpoint (no {meta_file(folder).name}); complete "
+                                    f"ones: {done or 'none'}")
+        meta, problem = check(folder, self._said)
+        if meta is None:
+            raise RuntimeError(f"checkpoint {folder} is damaged ({problem}); complete ones: {done}")
+        return tag, meta
 
     def save(self, step: int, engines: dict[str, Any], client_state: dict[str, Any], rank_state: dict[str, Any],
              meta: dict[str, Any]) -> Path:
-        """Collective: every rank calls it with its own ``rank_state``."""
+        """Collective: every rank calls it with its own ``rank_state``. A failed write (a full disk) raises
+        :class:`CheckpointWriteError` on every rank, with ``latest`` on the previous checkpoint."""
         tag = self.tag(step)
         folder = self.root / tag
         if self.dist.is_main and folder.exists():  # leftovers of a crashed save of this same step
             shutil.rmtree(folder)
         barrier()
         started = time.time() - 1.0  # files this rank writes from here on (mtime granularity: be generous)
-        for name, engine in engines.items():
-            save_engine(engine, folder, name, client_state)
-        maybe_fault("save", step)
-        mine = rank_file(folder, self.dist.rank)
-        tmp = mine.with_name(mine.name + ".tmp")
-        torch.save({**rank_state, "rng": rng_state()}, tmp)
-        os.replace(tmp, mine)
-        fsync_tree(folder, newer_than=started)  # what this rank wrote is on disk before it says so
-        barrier()  # every rank has written and synced everything
+        failure, sums = None, {}
+        try:
+            for name, engine in engines.items():
+                save_engine(engine, folder, name, client_state)
+            maybe_fault("save", step)
+            mine = rank_file(folder, self.dist.rank)
+            tmp = mine.with_name(mine.name + ".tmp")
+            torch.save({**rank_state, "rng": rng_state()}, tmp)
+            os.replace(tmp, mine)
+            fsync_tree(folder, newer_than=started)  # what this rank wrote is on disk before it says so
+            sums = own_checksums(folder, self.dist.rank)  # its own shards, while they are in the page cache
+        except Exception as e:
+            if not is_write_error(e):
+                raise
+            failure = describe_write_error(e, free_bytes(folder))
+        # Every rank has written, synced and hashed its files (or failed: then all raise below, none waits).
+        reports = all_gather_object((failure, sums))
+        failed = [(r, why) for r, (why, _) in enumerate(reports) if why]
+        message = None
         if self.dist.is_main:
-            atomic_write_text(meta_file(folder), json.dumps({**meta, "step": step, "tag": tag,
-                                                             "world_size": self.dist.world_size}, indent=1))
-            atomic_write_text(latest_file(self.root), tag)
-            self._prune(keep=tag)
-        barrier()
+            try:
+                if not failed:
+                    files = {k: v for _, own in reports for k, v in own.items()}
+                    files.update(checksums(folder, [n for n in folder_files(folder) if n not in files]))
+                    atomic_write_text(meta_file(folder), json.dumps({**meta, "step": step, "tag": tag, "world_size":
+                                                                     self.dist.world_size, "files": files}, indent=1))
+                    atomic_write_text(latest_file(self.root), tag)
+            except OSError as e:
+                failed = [(0, describe_write_error(e, free_bytes(folder)))]
+            if failed:
+                message = self._write_failed(tag, failed)
+            else:
+                self._prune(keep=tag)
+        message = broadcast_object(message)
+        if message:
+            raise CheckpointWriteError(message)
         return folder
+
+    def _write_failed(self, tag: str, failed: list[tuple[int, str]]) -> str:
+        """Delete the partial folder of ``tag`` (every rank has given up on it) and say what to do."""
+        pointer = latest_file(self.root)
+        prev = pointer.read_text().strip() if pointer.is_file() else None
+        if prev != tag:  # (the pointer moved, and only syncing its folder failed: then it is complete)
+            shutil.rmtree(self.root / tag, ignore_errors=True)
+        return write_failed_message(self.root / tag, failed, pointer, self.root / prev if prev else None)
 
     def _prune(self, keep: str) -> None:
         """Complete checkpoints beyond ``keep_last``, and partial folders older than ``keep`` (crashed saves)."""

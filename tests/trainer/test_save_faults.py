@@ -8,7 +8,8 @@ only, inside ``CheckpointManager.save`` of step 8, after that rank has written i
 writes its rank file; rank 0 goes on to write all of its own files and waits at the barrier before ``latest``.
 
 - slowed: rank 1 sleeps 6 s there. ``latest`` must not move while rank 1's files are incomplete (watched while
-  the run goes on, and by modification times afterwards). The run is otherwise undisturbed, so its losses are
+  the run goes on, and by modification times afterwards), and ``meta.json`` lists the sha256 of every file of
+  every rank. The run is otherwise undisturbed, so its losses are
   the uninterrupted reference for the killed run.
 - killed: rank 1 SIGKILLs itself there (no exception handler, no exit hook runs; rank 0 then fails at the
   barrier and torchrun stops it). ``latest`` must still name step 4; the partial step-8 folder must not be
@@ -27,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vitvq.data.shards import sha256_file
 from vitvq.trainer.checkpoint import CheckpointManager, latest_file, meta_file, rank_file, step_folders, tag_of
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -97,6 +99,12 @@ def test_a_slow_rank_delays_latest_until_its_files_are_written(slowed: tuple[Pat
     last = max(p.stat().st_mtime for p in rank1_files)
     for p in (latest_file(root), meta_file(root / tag_of(8))):
         assert p.stat().st_mtime >= last, f"{p.name} written {last - p.stat().st_mtime:.2f} s before rank 1's files"
+    # meta.json lists every file of every rank (rank 1 hashes its own) with its size and sha256.
+    folder = root / tag_of(8)
+    files = json.loads(meta_file(folder).read_text())["files"]
+    on_disk = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file() and p.name != "meta.json"}
+    assert sorted(files) == sorted(on_disk) and all(p.relative_to(folder).as_posix() in files for p in rank1_files)
+    assert all(files[n] == {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for n, p in on_disk.items())
 
 
 @pytest.mark.e2e
@@ -123,9 +131,10 @@ def test_a_rank_killed_during_a_save_leaves_the_previous_checkpoint_latest(
     assert latest(out) == tag_of(8)
     assert meta_file(partial).is_file() and rank_file(partial, 1).is_file()
     assert not leftover.exists(), "the partial step-8 folder of the crashed save was reused, not replaced"
+    assert f"resumed {tag_of(4)} at step 4" in res.stdout, f"the rerun did not resume at step 4: {res.stdout[-3000:]}"
     rows = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
             if "train/total_loss" in line]
-    assert rows == [1, 2, 3, 4, 5, 6, 7, 8, 5, 6, 7, 8], f"the rerun did not resume at step 4: {rows}"
+    assert rows == list(range(1, 9)), f"steps 5-8 are not each logged once (the resume drops the redone ones): {rows}"
     got = losses(out)
     for step in range(1, 9):
         assert got[step] == want[step], f"step {step}: resumed {got[step]} != uninterrupted {want[step]}"
