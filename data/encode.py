@@ -81,6 +81,8 @@ class ShardTask:
     """Output shard path."""
     plan: str
     """Fingerprint of everything the output bytes depend on."""
+    sha256: Optional[str] = None
+    """The digest the source shard must have (its index's), checked before its first sample is read; None: unchecked."""
 
 
 @dataclass
@@ -144,7 +146,8 @@ class EncodeWorker:
         writer = TokenShardWriter(task.out, job.head["tokens"]["vocab_size"])
         src_name, skipped, pending, since = shard_name(task.src), [], [], 0
         try:
-            for sample in read_raw([Piece(task.src, 0, 0, task.count)]):  # exactly task.count items, None if missing
+            # exactly task.count items, None if missing; a shard whose bytes differ from its index stops the job
+            for sample in read_raw([Piece(task.src, 0, 0, task.count)], sha256=(task.sha256,)):
                 since += 1
                 if sample is None:
                     skipped.append({"src_key": None, "reason": "missing: the source shard is truncated or unreadable"})
@@ -205,9 +208,10 @@ def encode_tokens(tokenizer: str | Path, shards: str, out: str | Path, *, name: 
                   split: str = "train", augment: str = "center", workers: int = 0, batch_size: int = 64,
                   device: str = "cpu", address: Optional[str] = None, cpus_per_worker: float = 1,
                   gpus_per_worker: float = 0, limit: Optional[int] = None, index: Optional[str] = None,
-                  progress: bool = True) -> dict[str, Any]:
+                  progress: bool = True, verify: bool = True) -> dict[str, Any]:
     """Encode the image shards ``shards`` (spec or index .json; ``index`` for remote ones) with the export
-    ``tokenizer`` into ``out``; returns the token index (also written), plus ``index_path``, ``written``, ``kept``."""
+    ``tokenizer`` into ``out``; returns the token index (also written), plus ``index_path``, ``written``, ``kept``.
+    ``verify``: each source shard is checked against its index's sha256 before it is read."""
     from vitvq.data.pool import ActorPool
     if augment not in VIEWS:
         raise ValueError(f"augment must be one of {sorted(VIEWS)}, not {augment!r}")
@@ -234,14 +238,16 @@ def encode_tokens(tokenizer: str | Path, shards: str, out: str | Path, *, name: 
 
     # The plan: one task per source shard with samples to take.
     tasks, left = [], limit if limit is not None else listed.total
-    for url, count, num in zip(listed.urls, listed.counts, _numbers(listed.urls)):
+    digests = listed.sha256 if verify and listed.sha256 else (None,) * len(listed.urls)
+    for url, count, num, digest in zip(listed.urls, listed.counts, _numbers(listed.urls), digests):
         take, left = min(count, left), left - min(count, left)
         if take == 0:
             continue
         src = table.get(shard_name(url), {})
         version = src.get("sha256") or f"bytes:{os.path.getsize(url) if os.path.isfile(url) else '?'}"
         plan = json.dumps([FORMAT_VERSION, shard_name(url), version, take, record["sha256"], augment])
-        tasks.append(ShardTask(url, take, str(out / f"{prefix}-{num:06d}.tar"), hashlib.sha1(plan.encode()).hexdigest()))
+        tasks.append(ShardTask(url, take, str(out / f"{prefix}-{num:06d}.tar"), hashlib.sha1(plan.encode()).hexdigest(),
+                               digest))
     sources = {os.path.abspath(u) for u in listed.urls} | ({os.path.abspath(src_index)} if src_index else set())
     if sources & ({os.path.abspath(t.out) for t in tasks} | {os.path.abspath(ipath)}):
         raise ValueError(f"--out {out} with --name {name} --split {split} would overwrite the source shards or their "
@@ -321,6 +327,8 @@ class EncodeConfig(PoolJobConfig, EncodeOptions):
     """Split name in the shard names (train, val, ...)."""
     workers: int = 0
     batch_size: int = 64
+    verify_shards: bool = True
+    """Check each source shard against its index's sha256 before reading it (off: a trusted store)."""
 
     def __post_init__(self) -> None:
         PoolJobConfig.__post_init__(self)
@@ -349,7 +357,7 @@ def encode(cfg: EncodeConfig) -> dict[str, dict[str, Any]]:
         index = encode_tokens(cfg.tokenizer, shards, cfg.out, name=cfg.name, split=split, augment=cfg.augment,
                               workers=cfg.workers, batch_size=cfg.batch_size, device=device, address=cfg.address,
                               cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=gpus, limit=cfg.limit,
-                              index=cfg.index, progress=cfg.progress)
+                              index=cfg.index, progress=cfg.progress, verify=cfg.verify_shards)
         out[split] = {**index, "seconds": time.perf_counter() - t0}
     return out
 

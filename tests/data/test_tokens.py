@@ -22,6 +22,7 @@ from vitvq.data import (ShardError, TokenDataConfig, TokenLineageError, build_ev
                         build_token_stream, check_lineage, encode_tokens, token_grid, token_index, token_vocab_size)
 from vitvq.data.shards import sha256_file
 from vitvq.data.transforms import load_crop, square_box, to_float
+from vitvq.data.verify import ShardMismatch
 from vitvq.models.tokenizer import Tokenizer, TokenizerConfig
 
 SIZE, GRID, VOCAB = 32, 4, 64  # the "debug" tokenizer preset: ViT at 32 px, patch 8, 64 codes
@@ -258,7 +259,11 @@ def test_corrupt_source_image_is_skipped_and_counted(env, tmp_path: Path) -> Non
             data = b"\xff\xd8garbage" if m.name == f"{bad_key}.jpg" else data
             m.size = len(data)
             tar.addfile(m, io.BytesIO(data))
-    index = encode_tokens(env.tok_path, str(src / env.src.name), tmp_path / "out", progress=False)
+    with pytest.raises(ShardMismatch, match=shard.name):  # the shard is not what its index records
+        encode_tokens(env.tok_path, str(src / env.src.name), tmp_path / "checked", progress=False)
+    assert not list((tmp_path / "checked").glob("*.tar"))  # stopped before writing tokens of unchecked bytes
+    # a trusted store (verify off): the undecodable image is skipped and counted, the rest encoded
+    index = encode_tokens(env.tok_path, str(src / env.src.name), tmp_path / "out", progress=False, verify=False)
     assert index["complete"] and index["num_samples"] == 29 and index["num_skipped"] == 1
     assert index["skipped"][0]["src_key"] == bad_key and index["skipped"][0]["src_shard"] == shard.name
     assert index["shards"][0]["samples"] == 7
