@@ -21,6 +21,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = str(ROOT / "configs" / "pipeline" / "debug.yaml")
 STEPS = ("stage1", "export", "encode", "stage2", "ref", "sample", "gfid")
+# The actor pools (encoding, sampling, the feature statistics) run in the pipeline's process: their Ray path is
+# tested on the session's cluster by tests/data/test_tokens.py, tests/evaluation/test_sampling.py and
+# test_eval_workers.py; here the trainings run as Ray Train jobs on it. Saves an actor start per pool step.
+POOLS = ("encode.workers=0", "sample.workers=0", "gfid.workers=0")
 CHANGED_TOKENIZER = "stage1.overrides=[train.steps=4,train.val_every=0,train.image_every=4,optim_g.lr=5.0e-4]"
 
 
@@ -51,7 +55,7 @@ def pipeline(make_launch_env, tmp_path_factory: pytest.TempPathFactory, ray_clus
     def invoke(*overrides: str) -> subprocess.CompletedProcess:
         ray_cluster.restore()
         cmd = [sys.executable, str(ROOT / "launch" / "pipeline.py"), "--config", CONFIG, "--address",
-               ray_cluster.address, f"root={root}", "progress=false", *overrides]
+               ray_cluster.address, f"root={root}", "progress=false", *POOLS, *overrides]
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=str(ROOT))
         assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-8000:]
         return res
@@ -121,7 +125,7 @@ def test_runs_once_skips_on_rerun_and_reruns_what_a_changed_tokenizer_feeds(pipe
 
     def plan(*overrides: str) -> str:
         capsys.readouterr()
-        assert main(["--config", CONFIG, f"root={pipeline.root}", "progress=false", "--plan", *overrides]) == {}
+        assert main(["--config", CONFIG, f"root={pipeline.root}", "progress=false", *POOLS, "--plan", *overrides]) == {}
         return capsys.readouterr().out
     assert plan().count(": skipped, output of lineage") == len(STEPS)
     planned = plan(CHANGED_TOKENIZER)
