@@ -25,6 +25,7 @@ from typing import IO, Any, Optional
 
 from webdataset.gopen import gopen
 
+from vitvq.data.shards import sha256_file
 from vitvq.data.urls import ShardError, is_local, shard_name
 
 _CHUNK = 1 << 20
@@ -44,12 +45,12 @@ def mismatch(url: str, expected: str, actual: str) -> ShardMismatch:
         "(tokens.verify_shards for token shards)")
 
 
-def _copy_hashed(src: IO[bytes], dst: Optional[IO[bytes]]) -> str:
+def _copy_hashed(src: IO[bytes], dst: IO[bytes]) -> str:
+    """Copy ``src`` to ``dst``; the sha256 of what was copied."""
     h = hashlib.sha256()
     for chunk in iter(lambda: src.read(_CHUNK), b""):
         h.update(chunk)
-        if dst is not None:
-            dst.write(chunk)
+        dst.write(chunk)
     return h.hexdigest()
 
 
@@ -59,8 +60,7 @@ def open_verified(url: str, sha256: Optional[str]) -> Any:
     if sha256 is None or (url, sha256) in _verified:
         return gopen(url)
     if is_local(url):
-        with open(url, "rb") as f:
-            actual = _copy_hashed(f, None)
+        actual = sha256_file(url)
         if actual != sha256:
             raise mismatch(url, sha256, actual)
         _verified.add((url, sha256))
